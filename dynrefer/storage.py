@@ -1,0 +1,83 @@
+"""Local paths and ``s3://`` URIs behind one interface (fsspec), so every reader and writer takes either.
+
+S3 settings (endpoint, credentials) travel as explicit ``storage_options`` rather than environment
+variables, because environment set after ``ray.init`` does not reach Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+
+StorageOptions = dict[str, Any]
+
+
+def s3_options(endpoint_url: str | None = None, key: str | None = None, secret: str | None = None,
+               region: str | None = None) -> StorageOptions:
+    """storage_options for s3fs, e.g. for a MinIO/moto endpoint; empty values fall back to the AWS defaults."""
+    opts: StorageOptions = {}
+    if key:
+        opts["key"] = key
+    if secret:
+        opts["secret"] = secret
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}) if is_remote(uri) else {})
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and not is_remote(uri):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.exists(path)
+
+
+def read_json(uri: str, storage_options: StorageOptions | None = None) -> Any:
+    """Parse a JSON file; a malformed one raises a ValueError that names the file and position."""
+    data = read_bytes(uri, storage_options)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
+    write_bytes(uri, json.dumps(obj).encode(), storage_options)
