@@ -81,3 +81,32 @@ def read_json(uri: str, storage_options: StorageOptions | None = None) -> Any:
 
 def write_json(uri: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
     write_bytes(uri, json.dumps(obj).encode(), storage_options)
+
+
+def local_copy(uri: str, storage_options: StorageOptions | None = None, cache_dir: str | None = None) -> str:
+    """A local path for ``uri``: itself when local, else a cached download of the file or directory.
+
+    Weight loaders (open_clip checkpoints, Hugging Face directories) take local paths; this lets them take s3://.
+    The cache key includes the objects' sizes and ETags, so a re-uploaded object is fetched again.
+    """
+    if not is_remote(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    import hashlib
+
+    fs, path = filesystem(uri, storage_options)
+    listing = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    version = json.dumps(sorted((k, v.get("size"), str(v.get("ETag", v.get("LastModified", ""))))
+                                for k, v in listing.items()))
+    digest = hashlib.sha256((uri + version).encode()).hexdigest()[:16]
+    cache = cache_dir or os.environ.get("DYNREFER_CACHE", os.path.expanduser("~/.cache/dynrefer"))
+    target = os.path.join(cache, "remote", digest, uri.rstrip("/").rsplit("/", 1)[-1])
+    done = target + ".complete"
+    if os.path.exists(done):
+        return target
+    if len(listing) > 1 or fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", target, recursive=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get(path, target)
+    open(done, "w").close()
+    return target

@@ -1,0 +1,63 @@
+"""Stochastic multi-view embedding: views -> CLIP patch grids -> RoI-Align -> alignment -> fusion -> Q-former."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from dynrefer.alignment import ViewAlignment
+from dynrefer.config import DynReferConfig
+from dynrefer.encoder import ImageEncoder, ViewFeatures
+from dynrefer.qformer import QFormer
+
+
+def roi_tokens(features: ViewFeatures, rois: torch.Tensor) -> torch.Tensor:
+    """RoI-Align each view's patch grid at its RoI (in view pixels), keeping the grid size; CLS goes first.
+
+    features.grid: (N, C, g, g), rois: (N, 4) -> tokens (N, 1 + g*g, C) and the RoI grid (N, C, g, g).
+    """
+    n, c, g, _ = features.grid.shape
+    boxes = torch.cat([torch.arange(n, device=rois.device, dtype=rois.dtype)[:, None], rois], dim=1)  # (N, 5)
+    return roi_align(features.grid, boxes.to(features.grid.dtype), output_size=(g, g),
+                     spatial_scale=1.0 / features.patch_size, sampling_ratio=2, aligned=True)
+
+
+class ViewFusion(nn.Module):
+    """Concatenate the aligned views per token along channels, then an MLP back to C: (n*C) -> C -> C."""
+
+    def __init__(self, dim: int, num_views: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(num_views * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, V, T, C) -> (B, T, C)."""
+        b, v, t, c = tokens.shape
+        return self.mlp(tokens.permute(0, 2, 1, 3).reshape(b, t, v * c))
+
+
+class MultiViewEmbedding(nn.Module):
+    def __init__(self, cfg: DynReferConfig, encoder: ImageEncoder, storage_options=None):
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.width
+        self.alignment = ViewAlignment(dim, cfg.alignment) if cfg.alignment.enabled else None
+        self.fusion = ViewFusion(dim, cfg.views.num_views)
+        self.qformer = QFormer(cfg.qformer, dim, storage_options)
+
+    def region_tokens(self, views: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """views: (B, V, S, S, 3) uint8, rois: (B, V, 4) -> aligned per-view tokens (B, V, 1 + g*g, C)."""
+        b, v = views.shape[:2]
+        features = self.encoder(views.flatten(0, 1))
+        grid = roi_tokens(features, rois.flatten(0, 1).float())  # (B*V, C, g, g)
+        grid = grid.unflatten(0, (b, v))  # (B, V, C, g, g)
+        if self.alignment is not None and v > 1:
+            reference = grid[:, :1].expand(-1, v - 1, -1, -1, -1).flatten(0, 1)
+            moved = self.alignment(grid[:, 1:].flatten(0, 1), reference).unflatten(0, (b, v - 1))
+            grid = torch.cat([grid[:, :1], moved], dim=1)
+        cls = features.cls.unflatten(0, (b, v)).unsqueeze(2)  # (B, V, 1, C)
+        return torch.cat([cls, grid.flatten(3).transpose(2, 3)], dim=2)  # (B, V, 1 + g*g, C)
+
+    def forward(self, views: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """-> region representation (B, Q, H)."""
+        return self.qformer(self.fusion(self.region_tokens(views, rois)))

@@ -1,0 +1,95 @@
+"""The frozen CLIP: any open_clip model, giving each view's patch-feature map and CLS token, and text embeddings.
+
+Weights come from a local or s3:// open_clip checkpoint; with none, the model keeps its random initialisation
+(the built-in default pre-trains its own tiny CLIP, see ``dynrefer pretrain``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+from torch import nn
+
+from dynrefer import storage
+from dynrefer.config import EncoderConfig
+
+
+@dataclass
+class ViewFeatures:
+    grid: torch.Tensor  # (N, C, g, g) patch features
+    cls: torch.Tensor  # (N, C) class token
+    patch_size: int
+
+
+def build_clip(cfg: EncoderConfig, storage_options: storage.StorageOptions | None = None) -> nn.Module:
+    """Build the open_clip model of ``cfg`` and load its checkpoint, if any, without unpickling untrusted data."""
+    if cfg.model_cfg is not None:
+        model = open_clip.CLIP(**cfg.model_cfg)
+    else:
+        model = open_clip.create_model(cfg.name, pretrained=None, device=torch.get_default_device())
+    if cfg.checkpoint:
+        open_clip.load_checkpoint(model, storage.local_copy(cfg.checkpoint, storage_options), weights_only=True)
+    return model
+
+
+def clip_tokenizer(cfg: EncoderConfig):
+    """open_clip's tokenizer for this model (its BPE vocabulary ships inside the package)."""
+    if cfg.model_cfg is not None:
+        return open_clip.SimpleTokenizer(context_length=cfg.model_cfg["text_cfg"].get("context_length", 77))
+    return open_clip.get_tokenizer(cfg.name)
+
+
+def vision_geometry(visual: nn.Module) -> tuple[int, int]:
+    """(patch size, token width) of an open_clip vision tower, native or timm-backed (EVA)."""
+    if hasattr(visual, "trunk"):
+        patch, width = visual.trunk.patch_embed.patch_size, visual.trunk.embed_dim
+    else:
+        patch, width = visual.patch_size, visual.transformer.width
+    return (patch[0] if isinstance(patch, (tuple, list)) else int(patch)), int(width)
+
+
+class ImageEncoder(nn.Module):
+    """CLIP image and text towers, normalising uint8 views itself so that callers pass raw pixels."""
+
+    def __init__(self, cfg: EncoderConfig, storage_options: storage.StorageOptions | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = build_clip(cfg, storage_options)
+        self.tokenizer = clip_tokenizer(cfg)
+        visual = self.clip.visual
+        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.patch_size, self.width = vision_geometry(visual)
+        self.text_dim = int((cfg.model_cfg or open_clip.get_model_config(cfg.name))["embed_dim"])
+        if cfg.freeze:
+            self.clip.requires_grad_(False)
+            self.clip.eval()
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        if self.cfg.freeze:
+            self.clip.eval()
+        return self
+
+    def forward(self, views: torch.Tensor) -> ViewFeatures:
+        """views: (N, S, S, 3) uint8 -> patch grid (N, C, g, g) and CLS (N, C)."""
+        x = views.permute(0, 3, 1, 2).to(self.mean.dtype).div(255.0)  # (N, 3, S, S)
+        x = (x - self.mean) / self.std
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):
+            out = self.clip.visual.forward_intermediates(
+                x, indices=[self.cfg.layer], intermediates_only=True,
+                normalize_intermediates=True, output_extra_tokens=True,
+            )
+        grid = out["image_intermediates"][0]  # (N, C, g, g)
+        cls = out["image_intermediates_prefix"][0][:, 0]  # (N, C)
+        return ViewFeatures(grid=grid, cls=cls, patch_size=self.patch_size)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings (frozen): the queries of the tag and contrastive decoders.  # (K, D_text)"""
+        tokens = self.tokenizer(texts).to(self.mean.device)
+        return self.clip.encode_text(tokens, normalize=True)

@@ -1,0 +1,86 @@
+"""DynRefer: one region model for captioning, dense captioning, attribute detection and region recognition.
+
+A region arrives as V views (view 0 is t=0) with its RoI in each view's pixel frame. The multi-view embedding
+gives Q region queries; three heads read them: tags, region-text contrastive, and the language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dynrefer import storage
+from dynrefer.config import DynReferConfig
+from dynrefer.decoders import ContrastiveHead, TagHead, siglip_loss
+from dynrefer.embedding import MultiViewEmbedding
+from dynrefer.encoder import ImageEncoder
+from dynrefer.language import LanguageHead
+
+
+@dataclass
+class RegionPrediction:
+    caption: str
+    tags: list[tuple[str, float]]
+    text_scores: dict[str, float] = field(default_factory=dict)
+
+
+class DynRefer(nn.Module):
+    def __init__(self, cfg: DynReferConfig, storage_options: storage.StorageOptions | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ImageEncoder(cfg.encoder, storage_options)
+        self.embedding = MultiViewEmbedding(cfg, self.encoder, storage_options)
+        region_dim, text_dim = cfg.qformer.hidden_size, self.encoder.text_dim
+        self.tags = TagHead(cfg.tags, text_dim, region_dim)
+        self.contrastive = ContrastiveHead(cfg.contrastive, text_dim, region_dim)
+        self.language = LanguageHead(cfg.language, region_dim, storage_options)
+        self.refresh_tag_embeddings()
+
+    def refresh_tag_embeddings(self) -> None:
+        """Tag queries are the frozen CLIP text embeddings of the tag names; recompute after encoder weights change."""
+        vocab = self.cfg.tags.vocabulary
+        if not vocab or self.tags.tag_embeddings.is_meta:
+            return
+        chunks = [self.encoder.encode_text(vocab[i: i + 512]) for i in range(0, len(vocab), 512)]
+        self.tags.tag_embeddings.copy_(torch.cat(chunks).to(self.tags.tag_embeddings.dtype))
+
+    def forward(self, views: torch.Tensor, rois: torch.Tensor, captions: list[str],
+                tags: list[list[str]]) -> dict[str, torch.Tensor]:
+        """views: (B, V, S, S, 3) uint8, rois: (B, V, 4); returns each enabled loss and their weighted sum."""
+        w = self.cfg.loss
+        regions = self.embedding(views, rois)  # (B, Q, H)
+        losses: dict[str, torch.Tensor] = {}
+        if w.tags > 0 and len(self.cfg.tags.vocabulary):
+            losses["tags"] = self.tags.loss(self.tags(regions), tags)
+        if w.contrastive > 0:
+            texts = self.encoder.encode_text(captions).to(regions.dtype)  # (B, D_text)
+            positives = torch.tensor([[a == b for b in captions] for a in captions], device=regions.device)
+            losses["contrastive"] = siglip_loss(self.contrastive(texts, regions), positives)
+        if w.caption > 0:
+            controls = self.language.drop_tags(tags) if self.training else tags
+            losses["caption"] = self.language.loss(regions, controls, captions)
+        losses["loss"] = sum(getattr(w, name) * value for name, value in losses.items())
+        return losses
+
+    @torch.no_grad()
+    def predict(self, views: torch.Tensor, rois: torch.Tensor, texts: list[str] | None = None,
+                caption: bool = True) -> list[RegionPrediction]:
+        """Per region: a caption (tags as control words), tags with scores, and scores for the given texts."""
+        regions = self.embedding(views, rois)
+        tags = self.tags.decode(self.tags(regions)) if len(self.cfg.tags.vocabulary) else [[] for _ in regions]
+        captions = self.language.generate(regions, [[t for t, _ in r] for r in tags]) if caption \
+            else ["" for _ in regions]
+        scores: list[dict[str, float]] = [{} for _ in regions]
+        if texts:
+            probs = torch.sigmoid(self.contrastive(self.encoder.encode_text(texts).to(regions.dtype), regions))
+            scores = [dict(zip(texts, row.tolist())) for row in probs.float()]
+        return [RegionPrediction(c, t, s) for c, t, s in zip(captions, tags, scores)]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters, counting tied tensors once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    return total, sum(p.numel() for p in seen.values() if p.requires_grad)

@@ -1,0 +1,181 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from dynrefer.alignment import ViewAlignment
+from dynrefer.checkpoint import load_pretrained, save_pretrained
+from dynrefer.config import AlignmentConfig, DynReferConfig, load_config
+from dynrefer.decoders import asymmetric_loss, siglip_loss
+from dynrefer.embedding import roi_tokens
+from dynrefer.encoder import ViewFeatures
+from dynrefer.model import DynRefer, parameter_counts
+
+WORDS = "a the red blue green small large striped dotted circle square triangle left of right".split()
+TAGS = ["red", "blue", "circle", "square", "striped"]
+CAPTIONS = ["a red circle", "the small blue square", "a striped triangle left of a circle", "a red circle"]
+REGION_TAGS = [["red", "circle"], ["blue", "square"], ["striped", "triangle"], ["red", "circle"]]
+
+
+def tiny_config(**language) -> DynReferConfig:
+    cfg = load_config("tiny")
+    cfg.language = dataclasses.replace(cfg.language, vocabulary=WORDS, drop_all_tags=0.0, drop_each_tag=0.0,
+                                       **language)
+    cfg.tags.vocabulary = list(TAGS)
+    return cfg
+
+
+def batch(b=4, v=3, s=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views = torch.randint(0, 256, (b, v, s, s, 3), dtype=torch.uint8, generator=g)
+    rois = torch.tensor([[0, 0, s, s], [16, 16, 48, 48], [24, 24, 40, 40]], dtype=torch.float)[:v]
+    return views, rois.expand(b, v, 4).clone()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DynRefer(tiny_config())
+
+
+def test_forward_backward_losses_finite_and_gradients_where_trainable():
+    torch.manual_seed(0)
+    m = DynRefer(tiny_config(freeze=True)).train()
+    views, rois = batch()
+    out = m(views, rois, CAPTIONS, REGION_TAGS)
+    assert set(out) == {"tags", "contrastive", "caption", "loss"}
+    assert all(math.isfinite(float(v)) for v in out.values())
+    expected = out["caption"] + 0.01 * out["tags"] + 0.5 * out["contrastive"]
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        if name.startswith(("encoder.", "embedding.encoder.", "language.lm.")):
+            assert not p.requires_grad and p.grad is None, name
+    for prefix in ["embedding.alignment.offsets_masks", "embedding.fusion", "embedding.qformer", "tags.decoder",
+                   "contrastive.", "language.proj", "language.control"]:
+        grads = [p.grad for n, p in m.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), prefix
+        assert any(g.abs().sum() > 0 for g in grads), prefix
+
+
+def test_trainable_lm_gets_gradients_and_tasks_can_be_turned_off():
+    torch.manual_seed(0)
+    cfg = tiny_config(freeze=False)
+    cfg.loss = dataclasses.replace(cfg.loss, tags=0.0, contrastive=0.0)
+    m = DynRefer(cfg).train()
+    out = m(*batch(), CAPTIONS, REGION_TAGS)
+    assert set(out) == {"caption", "loss"}
+    out["loss"].backward()
+    assert m.language.lm.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.tags.parameters())
+
+
+def test_decoder_only_lm_trains_and_generates():
+    torch.manual_seed(0)
+    m = DynRefer(tiny_config(arch={"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2,
+                                   "n_positions": 128}))
+    views, rois = batch(b=2)
+    loss = m.train()(views, rois, CAPTIONS[:2], REGION_TAGS[:2])["caption"]
+    assert math.isfinite(float(loss))
+    preds = m.eval().predict(views, rois)
+    assert len(preds) == 2 and all(isinstance(p.caption, str) for p in preds)
+
+
+def test_predict_gives_caption_tags_and_text_scores(model):
+    views, rois = batch(b=3)
+    preds = model.eval().predict(views, rois, texts=["a red circle", "a blue square"])
+    assert len(preds) == 3
+    for p in preds:
+        assert isinstance(p.caption, str) and len(p.caption.split()) <= model.cfg.language.max_new_tokens
+        assert all(t in TAGS and 0.7 < s <= 1 for t, s in p.tags)
+        assert set(p.text_scores) == {"a red circle", "a blue square"}
+        assert all(0 <= s <= 1 for s in p.text_scores.values())
+
+
+def test_save_load_gives_identical_predictions(model, tmp_path):
+    model.eval()
+    model.cfg.tags.threshold = 0.0  # every tag shown, so tag scores are compared too
+    views, rois = batch(b=2, seed=1)
+    before = model.predict(views, rois, texts=["red"])
+    save_pretrained(model, str(tmp_path / "export"))
+    loaded = load_pretrained(str(tmp_path / "export"))
+    assert loaded.predict(views, rois, texts=["red"]) == before
+    model.cfg.tags.threshold = 0.7
+
+
+def test_load_refuses_weights_that_do_not_match(model, tmp_path):
+    save_pretrained(model, str(tmp_path / "export"))
+    import json
+
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    cfg["qformer"]["num_layers"] = 3
+    (tmp_path / "export" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match"):
+        load_pretrained(str(tmp_path / "export"))
+
+
+def test_alignment_starts_as_identity_and_shifts_by_its_offsets():
+    torch.manual_seed(0)
+    align = ViewAlignment(8, AlignmentConfig(kernel_size=3, offset_groups=2))
+    x, ref = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    assert torch.equal(align(x, ref), x)
+    # Reference: offsets of +1 px in x for every kernel tap, mask 1 at the centre tap only, identity kernel:
+    # the output adds the input shifted left by one column (zero past the border).
+    with torch.no_grad():
+        align.offsets_masks.bias.zero_()
+        g, kk = 2, 9
+        offsets = align.offsets_masks.bias[: 2 * g * kk].view(g, kk, 2)
+        offsets[..., 1] = 1.0
+        masks = align.offsets_masks.bias[2 * g * kk:].view(g, kk)
+        masks[:, 4] = 1.0
+        align.weight.zero_()
+        align.weight[torch.arange(8), torch.arange(8), 1, 1] = 1.0
+    shifted = torch.zeros_like(x)
+    shifted[..., :-1] = x[..., 1:]
+    assert torch.allclose(align(x, ref), x + shifted, atol=1e-5)
+
+
+def test_roi_tokens_sample_the_view_grid_at_the_roi():
+    # A patch grid whose value is each patch centre's x coordinate in view pixels: RoI-Align of a linear field
+    # is exact, so the output is the x coordinate of each output bin's centre.
+    patch, g = 8, 8
+    centres = (torch.arange(g) + 0.5) * patch
+    grid = centres.view(1, 1, 1, g).expand(1, 2, g, g).contiguous()
+    roi = torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+    out = roi_tokens(ViewFeatures(grid=grid, cls=torch.zeros(1, 2), patch_size=patch), roi)
+    expected = 16 + (torch.arange(g) + 0.5) * (32 / g)
+    assert out.shape == (1, 2, g, g)
+    assert torch.allclose(out[0, 0, 3], expected, atol=1e-4)
+
+
+def test_asymmetric_loss_reference_values():
+    logits = torch.tensor([[2.0, -1.0]])
+    targets = torch.tensor([[1.0, 0.0]])
+    p = torch.sigmoid(logits)
+    p_neg = p[0, 1] - 0.05
+    expected = -(torch.log(p[0, 0]) + torch.log(1 - p_neg) * p_neg ** 7)
+    assert torch.allclose(asymmetric_loss(logits, targets), expected)
+
+
+def test_siglip_loss_reference_values():
+    logits = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    pos = torch.eye(2, dtype=torch.bool)
+    expected = -(torch.nn.functional.logsigmoid(torch.tensor([1.0, 2.0, -0.5, 3.0]))).sum() / 2
+    assert torch.allclose(siglip_loss(logits, pos), expected)
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("qformer: {num_querys: 4}\n")
+    with pytest.raises(ValueError, match="num_querys"):
+        DynReferConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("name, low, high", [("tiny", 5e6, 2e7), ("base", 0.9e9, 1.3e9), ("paper", 3.9e9, 4.6e9)])
+def test_configs_build_and_count_parameters(name, low, high):
+    with torch.device("meta"):
+        m = DynRefer(load_config(name))
+    total, trainable = parameter_counts(m)
+    assert low < total < high
+    assert 0 < trainable < total
