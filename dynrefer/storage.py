@@ -57,12 +57,27 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
 
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    fs, path = filesystem(uri, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and not is_remote(uri):
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
+    """Write a whole object atomically: a local file appears complete or not at all (an S3 PUT already is)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
+
+
+def listdir(uri: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """Base names of the objects directly under a directory or prefix; empty when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
 def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:

@@ -1,0 +1,135 @@
+"""Decode image bytes once into a loaded RGB ``PIL.Image``, or fail with an :class:`ImageError` saying why.
+
+Every stage that touches pixels (Ray Data preparation, batch captioning, the Serve app) goes through
+:func:`decode_image`, so they agree on orientation, colour conversion and what counts as a bad file.
+
+Choices worth knowing:
+
+* Truncated files raise (``reason="truncated"``); ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set,
+  because silently gray-filled pixels would poison training data.
+* The pixel count is checked from the header before any pixel is decoded. The limit is the smaller of
+  ``max_pixels`` and Pillow's global ``Image.MAX_IMAGE_PIXELS`` (whose DecompressionBombError, and the
+  images its warning is about, become ``reason="too_large"``); raise that global to allow more.
+* EXIF orientation is applied (a corrupt EXIF block is ignored: the pixels are still good).
+* Alpha is dropped without compositing (``convert("RGB")``): colour under transparent pixels is kept.
+* 16-bit grayscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) maps by the type's full range, ``v >> 8``,
+  so 65535 -> 255 and 32768 -> 128 (Pillow's own conversion clips everything above 255 to white).
+  ``I`` (32-bit int, in practice 16-bit samples, e.g. signed 16-bit TIFF) is treated as 16-bit: clipped
+  to [0, 65535], then ``>> 8``. ``F`` (float) is taken to be in [0, 1]: clipped, times 255, rounded;
+  NaN -> 0.
+* Multi-frame files (GIF, APNG, multi-page TIFF, MPO) give their first frame.
+* ICC profiles are not applied; CMYK uses Pillow's plain conversion.
+* Only :data:`FORMATS` are tried: the formats image datasets use, and none whose plugin runs an external
+  program (Pillow's EPS reader would start Ghostscript on untrusted bytes).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Formats Pillow may open ("JPEG" also opens MPO, the multi-picture JPEG some cameras write).
+FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+
+#: Modes Pillow converts to RGB correctly with ``convert("RGB")``.
+_DIRECT_MODES = frozenset({"RGB", "RGBX", "RGBA", "L", "LA", "1", "CMYK", "YCbCr"})
+#: Palette modes go through RGBA so transparency never triggers Pillow's palette warnings.
+_PALETTE_MODES = frozenset({"P", "PA"})
+_UINT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+#: Leading bytes of formats we know, to tell a damaged image from something that is no image at all.
+_SIGNATURES: tuple[bytes, ...] = (
+    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM",
+)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a short machine-readable code.
+
+    Reasons: ``empty``, ``not_image``, ``corrupt``, ``truncated``, ``too_large``, ``unsupported_mode``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _load_error(name: str, err: Exception) -> ImageError:
+    text = str(err) or type(err).__name__
+    if isinstance(err, MemoryError):
+        return ImageError("too_large", f"{name}: out of memory while decoding")
+    if isinstance(err, EOFError) or "truncated" in text.lower():
+        return ImageError("truncated", f"{name}: truncated image data ({text})")
+    return ImageError("corrupt", f"{name}: corrupt image data ({text})")
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _DIRECT_MODES:
+        return img.convert("RGB")
+    if mode in _PALETTE_MODES:
+        return img.convert("RGBA").convert("RGB")
+    if mode in _UINT16_MODES:
+        gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+    elif mode == "I":
+        gray = (np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        gray = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ImageError("unsupported_mode", f"{name}: unsupported image mode {mode!r}")
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000, name: str = "image") -> Image.Image:
+    """Decode ``data`` into a loaded RGB image, upright per EXIF; raise :class:`ImageError` otherwise.
+
+    ``name`` (a file name or URI) prefixes every error message.
+    """
+    if not data:
+        raise ImageError("empty", f"{name}: no image data (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        if _looks_like_image(data):
+            raise ImageError("corrupt", f"{name}: image header is damaged, cannot identify the format") from None
+        raise ImageError("not_image", f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _load_error(name, e) from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("corrupt", f"{name}: image header gives size {width}x{height}")
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    if width * height > limit:
+        raise ImageError(
+            "too_large", f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit}"
+        )
+    try:
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise _load_error(name, e) from None
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        upright = img
+    return _to_rgb(upright, name)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    """JPEG bytes of an image (converted to RGB first when needed), for storing decoded crops or images."""
+    rgb = img if img.mode == "RGB" else _to_rgb(img, "image")
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
