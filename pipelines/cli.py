@@ -1,4 +1,8 @@
-"""The ``dynrefer`` command: one subcommand per stage, each with ``--help``; configs are files, paths local or s3://."""
+"""The ``dynrefer`` command: one subcommand per stage, each with ``--help``; configs are files, paths local or s3://.
+
+Ray-backed stages (prepare, ...) hand their arguments to their own module's ``main``, so that
+``python -m pipelines.prepare`` (e.g. under ``ray job submit``) and ``dynrefer prepare`` are the same program.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,9 @@ import logging
 import sys
 from typing import Callable
 
-from dynrefer import storage
+from pipelines.args import add_storage_args, storage_options_from_args
 
 log = logging.getLogger("dynrefer")
-
-
-def _storage_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("S3 (for s3:// paths; defaults come from the usual AWS settings)")
-    g.add_argument("--s3-endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000 for MinIO")
-    g.add_argument("--s3-key", help="access key id")
-    g.add_argument("--s3-secret", help="secret access key")
-    g.add_argument("--s3-region", help="region name")
-
-
-def storage_options(args: argparse.Namespace) -> storage.StorageOptions:
-    return storage.s3_options(args.s3_endpoint, args.s3_key, args.s3_secret, args.s3_region)
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -34,7 +26,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     device = torch.device("meta") if args.meta else torch.device("cpu")
     with device:
-        model = DynRefer(cfg, storage_options(args))
+        model = DynRefer(cfg, storage_options_from_args(args))
     total, trainable = parameter_counts(model)
     rows = {"config": args.config, "total_parameters": total, "trainable_parameters": trainable}
     for name in ["encoder", "embedding.alignment", "embedding.fusion", "embedding.qformer", "tags", "contrastive",
@@ -52,7 +44,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from dynrefer import synth
 
-    summary = synth.write_corpus(args.out, args.num_images, seed=args.seed, storage_options=storage_options(args),
+    summary = synth.write_corpus(args.out, args.num_images, seed=args.seed, storage_options=storage_options_from_args(args),
                                  jpeg_quality=args.jpeg_quality, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
@@ -61,6 +53,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "model": (cmd_model, "build a model from a config and print its parameter counts"),
     "synth": (cmd_synth, "generate the built-in synthetic corpus (Visual Genome v1.2 layout)"),
+}
+PIPELINES = {
+    "prepare": ("pipelines.prepare", "Ray Data: decode images, compute views and pHASH codes, write Parquet shards"),
 }
 
 
@@ -73,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default="tiny", help="model config: a name under configs/model/ or a YAML path")
     m.add_argument("--meta", action="store_true", help="build on the meta device (no memory; for the large configs)")
     m.add_argument("--json", action="store_true", help="print JSON")
-    _storage_args(m)
+    add_storage_args(m)
 
     s = sub.add_parser("synth", help=COMMANDS["synth"][1], description=COMMANDS["synth"][1])
     s.add_argument("--out", required=True, help="output directory or s3:// prefix")
@@ -81,11 +76,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same corpus)")
     s.add_argument("--jpeg-quality", type=int, default=95)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    _storage_args(s)
+    add_storage_args(s)
+    for name, (_, help_text) in PIPELINES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PIPELINES:
+        import importlib
+
+        return importlib.import_module(PIPELINES[argv[0]][0]).main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,256 @@
+"""Ray Data stage: decode every image once, compute each region's candidate views and pHASH codes, write Parquet.
+
+The corpus is cut into shards of ``images_per_shard`` images; each shard is one Ray Data row processed by a CPU
+task, which writes ``regions/shard-NNNNN.parquet`` and ``errors/shard-NNNNN.parquet`` atomically. A rerun after
+a kill skips the shards already written. Bad input becomes error rows; input regions = rows + error rows.
+
+    python -m pipelines.prepare --config configs/prepare/synthetic.yaml [--root ...] [--out ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from dynrefer import datasets, storage
+from dynrefer.config import _build
+from dynrefer.preprocess import PrepareConfig, error_row, preprocess_image
+from dynrefer.tags import TagVocabulary
+from pipelines.args import add_ray_args, add_storage_args, init_ray, storage_options_from_args
+
+log = logging.getLogger("dynrefer.prepare")
+
+REGION_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("region_id", pa.string()), ("file", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("split", pa.string()),
+    ("box", pa.list_(pa.float64(), 4)), ("caption", pa.string()), ("captions", pa.list_(pa.string())),
+    ("tags", pa.list_(pa.string())), ("category", pa.string()), ("attributes", pa.list_(pa.string())),
+    ("ts", pa.list_(pa.float64())), ("view_boxes", pa.list_(pa.list_(pa.int64(), 4))),
+    ("rois", pa.list_(pa.list_(pa.float64(), 4))), ("phash", pa.list_(pa.uint64())),
+])
+VIEWS_FIELD = pa.field("views", pa.binary())
+ERROR_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("region_id", pa.string()), ("file", pa.string()),
+    ("stage", pa.string()), ("reason", pa.string()), ("message", pa.string()),
+])
+
+
+@dataclass
+class PrepareJob:
+    """What to prepare and where; a YAML file under configs/prepare/ gives these keys."""
+
+    dataset: str = "vg"  # vg | refcocog | coco | ovad
+    root: str = ""  # dataset directory (local or s3://)
+    annotations: str | None = None  # coco/ovad: the instances JSON (default: under root)
+    split: str | None = None
+    out: str = ""
+    images_per_shard: int = 64
+    workers: int | None = None  # concurrent CPU tasks (default: every CPU of the cluster)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> "PrepareJob":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return _build(cls, data, path)
+
+
+def read_records(job: PrepareJob) -> Iterator[dict[str, Any]]:
+    """The dataset's image records, whichever reader its format needs."""
+    so = job.storage_options or None
+    if job.dataset == "vg":
+        return datasets.read_visual_genome(job.root, split=job.split, storage_options=so, record_errors=True)
+    if job.dataset == "refcocog":
+        return datasets.read_refcocog(job.root, split=job.split, storage_options=so)
+    if job.dataset == "coco":
+        ann = job.annotations or storage.join(job.root, "annotations", "instances.json")
+        return datasets.read_coco_instances(ann, job.root, split=job.split, storage_options=so)
+    if job.dataset == "ovad":
+        ann = job.annotations or storage.join(job.root, "ovad.json")
+        return datasets.read_ovad(ann, job.root, storage_options=so)
+    raise ValueError(f"dataset must be one of vg, refcocog, coco, ovad; got {job.dataset!r}")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_image_bytes(uri: str, storage_options: storage.StorageOptions | None) -> bytes | None:
+    try:
+        return storage.read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        return None
+
+
+def prepare_shard(shard: int, records: list[dict[str, Any]], job: PrepareJob) -> dict[str, Any]:
+    """Process one shard and write its two files (errors first, so a regions file marks a finished shard)."""
+    start = time.perf_counter()
+    so = job.storage_options or None
+    rows, errors = [], []
+    for record in records:
+        if "error" in record:
+            errors.extend(preprocess_image(record, None, job.prepare)[1])
+            continue
+        try:
+            data = read_image_bytes(record["file"], so)
+        except OSError as e:
+            errors.extend(error_row(record, r, "read", "read_error", str(e)) for r in record.get("regions") or [None])
+            continue
+        r, e = preprocess_image(record, data, job.prepare)
+        rows.extend(r)
+        errors.extend(e)
+    schema = REGION_SCHEMA.append(VIEWS_FIELD) if job.prepare.store_views else REGION_SCHEMA
+    storage.write_bytes(storage.join(job.out, "errors", shard_name(shard)), table_bytes(errors, ERROR_SCHEMA), so)
+    storage.write_bytes(storage.join(job.out, "regions", shard_name(shard)), table_bytes(rows, schema), so)
+    return {
+        "shard": shard, "images": len(records), "input_regions": sum(len(r.get("regions") or []) for r in records),
+        "regions": len(rows), "region_errors": sum(e["region_id"] is not None for e in errors),
+        "image_errors": sum(e["region_id"] is None for e in errors), "seconds": time.perf_counter() - start,
+    }
+
+
+class PrepareShards:
+    """Ray Data stage: a thin callable around :func:`prepare_shard`, one shard per batch row."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.job = _build(PrepareJob, job, "job")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [prepare_shard(int(s), json.loads(r), self.job) for s, r in zip(batch["shard"], batch["records"])]
+        return {k: np.array([r[k] for r in results]) for k in results[0]}
+
+
+def plan_shards(job: PrepareJob) -> list[list[dict[str, Any]]]:
+    """Cut the records into shards in reading order; the same inputs give the same shards on every run."""
+    shards: list[list[dict[str, Any]]] = [[]]
+    for record in read_records(job):
+        if len(shards[-1]) == job.images_per_shard:
+            shards.append([])
+        shards[-1].append(record)
+    return shards if shards[0] else []
+
+
+def check_manifest(job: PrepareJob, num_shards: int, force: bool) -> None:
+    """A rerun must prepare the same thing into the same place; a different one needs --force."""
+    so = job.storage_options or None
+    manifest = {"dataset": job.dataset, "root": job.root, "split": job.split, "shards": num_shards,
+                "images_per_shard": job.images_per_shard, "prepare": dataclasses.asdict(job.prepare)}
+    uri = storage.join(job.out, "manifest.json")
+    if storage.exists(uri, so) and not force:
+        old = storage.read_json(uri, so)
+        if old != manifest:
+            raise ValueError(f"{job.out} holds a different preparation ({uri}); use a new --out or --force")
+    if force:
+        for sub in ("regions", "errors"):
+            for name in storage.listdir(storage.join(job.out, sub), so):
+                fs, path = storage.filesystem(storage.join(job.out, sub, name), so)
+                fs.rm(path)
+    storage.write_json(uri, manifest, so)
+
+
+def run(job: PrepareJob, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Prepare the whole dataset on the connected Ray cluster; returns (and writes) the summary."""
+    import ray
+    from tqdm import tqdm
+
+    so = job.storage_options or None
+    start = time.perf_counter()
+    shards = plan_shards(job)
+    check_manifest(job, len(shards), force)
+    done = set(storage.listdir(storage.join(job.out, "regions"), so))
+    todo = [i for i in range(len(shards)) if shard_name(i) not in done]
+    log.info("%d shards (%d images); %d already written, %d to do", len(shards), sum(map(len, shards)),
+             len(shards) - len(todo), len(todo))
+    results: list[dict[str, Any]] = []
+    if todo:
+        items = [{"shard": i, "records": json.dumps(shards[i])} for i in todo]
+        workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            PrepareShards, fn_constructor_kwargs={"job": dataclasses.asdict(job)}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(items))), num_cpus=1,
+        )
+        with tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="prepare", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                results.append(row)
+                bar.update(int(row["images"]))
+                bar.set_postfix(regions=sum(int(r["regions"]) for r in results),
+                                errors=sum(int(r["region_errors"]) + int(r["image_errors"]) for r in results))
+    input_regions = sum(len(r.get("regions") or []) for shard in shards for r in shard)
+    summary = summarize(job, len(shards), input_regions, time.perf_counter() - start)
+    summary["shards_written_now"] = len(todo)
+    storage.write_json(storage.join(job.out, "summary.json"), summary, so)
+    return summary
+
+
+def summarize(job: PrepareJob, num_shards: int, input_regions: int, seconds: float) -> dict[str, Any]:
+    """Counts over every shard on disk (not just this run's), the tag vocabulary, and the balance check."""
+    so = job.storage_options or None
+    fs, path = storage.filesystem(storage.join(job.out, "regions"), so)
+    regions = pq.read_table(path, filesystem=fs, columns=["region_id", "tags"]) if num_shards else None
+    fs_e, path_e = storage.filesystem(storage.join(job.out, "errors"), so)
+    errors = pq.read_table(path_e, filesystem=fs_e, columns=["region_id", "reason"]) if num_shards else None
+    n_rows = regions.num_rows if regions is not None else 0
+    region_errors = errors.filter(errors["region_id"].is_valid()).num_rows if errors is not None else 0
+    image_errors = errors.num_rows - region_errors if errors is not None else 0
+    reasons: dict[str, int] = {}
+    if errors is not None:
+        for reason in errors["reason"].to_pylist():
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if regions is not None:
+        counts = Counter(t for tags in regions["tags"].to_pylist() for t in tags)
+        TagVocabulary.from_counts(counts).save(storage.join(job.out, "tags.json"), so)
+    return {
+        "shards": num_shards, "input_regions": input_regions, "regions": n_rows, "region_errors": region_errors,
+        "image_errors": image_errors, "errors_by_reason": reasons, "balanced": input_regions == n_rows + region_errors,
+        "seconds": round(seconds, 2), "regions_per_second": round(n_rows / seconds, 1) if seconds else None,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynrefer prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML under configs/prepare/")
+    p.add_argument("--root", help="dataset directory or s3:// prefix (overrides the config)")
+    p.add_argument("--out", help="output directory or s3:// prefix (overrides the config)")
+    p.add_argument("--split", help="only this split")
+    p.add_argument("--workers", type=int, help="concurrent CPU tasks")
+    p.add_argument("--force", action="store_true", help="discard shards already written and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_args(p)
+    add_storage_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = PrepareJob.from_yaml(args.config, root=args.root, out=args.out, split=args.split, workers=args.workers,
+                               storage_options=storage_options_from_args(args) or None)
+    init_ray(args)
+    summary = run(job, force=args.force, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["balanced"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
