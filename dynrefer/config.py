@@ -17,9 +17,9 @@ from dynrefer.views import CANDIDATE_TS
 
 @dataclass
 class EncoderConfig:
-    """A frozen open_clip model: a built-in name, or an inline open_clip model config (``model_cfg``)."""
+    """A frozen open_clip model: a built-in name, a JSON model-config file, or an inline config (``model_cfg``)."""
 
-    name: str = "tiny"
+    name: str = "ViT-B-16"  # built-in open_clip name, or a local/s3:// path to an open_clip model-config JSON
     model_cfg: dict[str, Any] | None = None
     checkpoint: str | None = None  # local path or s3:// URI of an open_clip checkpoint
     layer: int = -1  # transformer block whose patch tokens are used (-2: drop the last block, as BLIP-2)

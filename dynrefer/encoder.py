@@ -23,10 +23,20 @@ class ViewFeatures:
     patch_size: int
 
 
-def build_clip(cfg: EncoderConfig, storage_options: storage.StorageOptions | None = None) -> nn.Module:
-    """Build the open_clip model of ``cfg`` and load its checkpoint, if any, without unpickling untrusted data."""
+def model_config(cfg: EncoderConfig, storage_options: storage.StorageOptions | None = None) -> dict | None:
+    """The open_clip model config: inline (``model_cfg``), from a JSON file named by ``name``, or None (built-in)."""
     if cfg.model_cfg is not None:
-        model = open_clip.CLIP(**cfg.model_cfg)
+        return cfg.model_cfg
+    if cfg.name.endswith(".json"):
+        return storage.read_json(cfg.name, storage_options)
+    return None
+
+
+def build_clip(cfg: EncoderConfig, custom: dict | None, storage_options: storage.StorageOptions | None = None
+               ) -> nn.Module:
+    """Build the open_clip model of ``cfg`` and load its checkpoint, if any, without unpickling untrusted data."""
+    if custom is not None:
+        model = open_clip.CLIP(**custom)
     else:
         model = open_clip.create_model(cfg.name, pretrained=None, device=torch.get_default_device())
     if cfg.checkpoint:
@@ -34,10 +44,10 @@ def build_clip(cfg: EncoderConfig, storage_options: storage.StorageOptions | Non
     return model
 
 
-def clip_tokenizer(cfg: EncoderConfig):
+def clip_tokenizer(cfg: EncoderConfig, custom: dict | None):
     """open_clip's tokenizer for this model (its BPE vocabulary ships inside the package)."""
-    if cfg.model_cfg is not None:
-        return open_clip.SimpleTokenizer(context_length=cfg.model_cfg["text_cfg"].get("context_length", 77))
+    if custom is not None:
+        return open_clip.SimpleTokenizer(context_length=custom["text_cfg"].get("context_length", 77))
     return open_clip.get_tokenizer(cfg.name)
 
 
@@ -56,15 +66,16 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, storage_options: storage.StorageOptions | None = None):
         super().__init__()
         self.cfg = cfg
-        self.clip = build_clip(cfg, storage_options)
-        self.tokenizer = clip_tokenizer(cfg)
+        custom = model_config(cfg, storage_options)
+        self.clip = build_clip(cfg, custom, storage_options)
+        self.tokenizer = clip_tokenizer(cfg, custom)
         visual = self.clip.visual
         mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.patch_size, self.width = vision_geometry(visual)
-        self.text_dim = int((cfg.model_cfg or open_clip.get_model_config(cfg.name))["embed_dim"])
+        self.text_dim = int((custom or open_clip.get_model_config(cfg.name))["embed_dim"])
         if cfg.freeze:
             self.clip.requires_grad_(False)
             self.clip.eval()

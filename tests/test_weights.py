@@ -1,0 +1,96 @@
+"""Real weights come from paths: open_clip checkpoints and Hugging Face LM directories, local or s3://."""
+
+import dataclasses
+
+import open_clip
+import pytest
+import torch
+
+from dynrefer import storage
+from dynrefer.checkpoint import WEIGHTS_FILE, load_pretrained, save_pretrained
+from dynrefer.config import EncoderConfig, load_config
+from dynrefer.encoder import ImageEncoder
+from dynrefer.language import load_lm
+from dynrefer.model import DynRefer
+
+WORDS = "a the red blue green small large striped dotted circle square triangle left of right".split()
+
+
+def tiny():
+    cfg = load_config("tiny")
+    cfg.language = dataclasses.replace(cfg.language, vocabulary=WORDS)
+    cfg.tags.vocabulary = ["red", "blue", "circle"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny open_clip checkpoint and a tiny T5 directory with its tokenizer, as a user would bring them."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(123)
+    clip = open_clip.CLIP(**tiny().encoder.model_cfg)
+    torch.save({"state_dict": clip.state_dict()}, root / "clip.pt")
+    lm, tokenizer = load_lm(tiny().language)
+    lm.save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    return {"clip": clip, "clip_path": str(root / "clip.pt"), "lm": lm, "lm_path": str(root / "lm")}
+
+
+def test_encoder_loads_an_open_clip_checkpoint(weights):
+    cfg = dataclasses.replace(tiny().encoder, checkpoint=weights["clip_path"])
+    enc = ImageEncoder(cfg)
+    for (name, a), b in zip(enc.clip.state_dict().items(), weights["clip"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_encoder_takes_a_json_model_config(tmp_path):
+    import json
+
+    path = tmp_path / "clip.json"
+    path.write_text(json.dumps(tiny().encoder.model_cfg))
+    enc = ImageEncoder(EncoderConfig(name=str(path)))
+    assert (enc.patch_size, enc.width, enc.text_dim) == (8, 128, 128)
+    feats = enc(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert feats.grid.shape == (2, 128, 8, 8) and feats.cls.shape == (2, 128)
+
+
+def test_lm_loads_from_a_hugging_face_directory(weights):
+    cfg = dataclasses.replace(tiny().language, path=weights["lm_path"], arch=None)
+    lm, tokenizer = load_lm(cfg)
+    assert tokenizer("a red circle")["input_ids"] == load_lm(tiny().language)[1]("a red circle")["input_ids"]
+    for (name, a), b in zip(lm.state_dict().items(), weights["lm"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_export_references_weight_paths_instead_of_copying(weights, tmp_path):
+    cfg = tiny()
+    cfg.encoder.checkpoint = weights["clip_path"]
+    cfg.language = dataclasses.replace(cfg.language, path=weights["lm_path"], arch=None)
+    model = DynRefer(cfg).eval()
+    save_pretrained(model, str(tmp_path / "small"))
+    save_pretrained(DynRefer(tiny()), str(tmp_path / "full"))
+    small, full = ((tmp_path / d / WEIGHTS_FILE).stat().st_size for d in ("small", "full"))
+    assert small < full / 3
+    views = torch.randint(0, 256, (2, 3, 64, 64, 3), dtype=torch.uint8)
+    rois = torch.tensor([[0, 0, 64, 64], [8, 8, 40, 40], [16, 16, 32, 32]], dtype=torch.float).expand(2, 3, 4)
+    assert load_pretrained(str(tmp_path / "small")).predict(views, rois) == model.predict(views, rois)
+
+
+@pytest.mark.slow
+def test_weights_and_exports_on_s3(weights, s3_server, tmp_path, monkeypatch):
+    so = s3_server["storage_options"]
+    fs, _ = storage.filesystem("s3://weights", so)
+    fs.mkdir("weights")
+    fs.put(weights["clip_path"], "weights/clip.pt")
+    fs.put(weights["lm_path"] + "/", "weights/lm/", recursive=True)
+    cfg = tiny()
+    cfg.encoder.checkpoint = "s3://weights/clip.pt"
+    cfg.language = dataclasses.replace(cfg.language, path="s3://weights/lm", arch=None)
+    monkeypatch.setenv("DYNREFER_CACHE", str(tmp_path / "cache"))
+    model = DynRefer(cfg, storage_options=so).eval()
+    assert torch.equal(model.encoder.clip.visual.conv1.weight, weights["clip"].visual.conv1.weight)
+    save_pretrained(model, "s3://weights/export", so)
+    loaded = load_pretrained("s3://weights/export", so)
+    views = torch.randint(0, 256, (1, 3, 64, 64, 3), dtype=torch.uint8)
+    rois = torch.tensor([[[0, 0, 64, 64], [8, 8, 40, 40], [16, 16, 32, 32]]], dtype=torch.float)
+    assert loaded.predict(views, rois) == model.predict(views, rois)
