@@ -53,10 +53,10 @@ def decode_record(record: dict[str, Any], data: bytes | None, cfg: PrepareConfig
 
 def region_rows(record: dict[str, Any], image: Image.Image, cfg: PrepareConfig
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows for every region of one decoded image: views, RoIs and pHASH codes, all views hashed in one batch."""
+    """Rows for every region of one decoded image: views, RoIs and pHASH codes, all views cut and hashed at once."""
     width, height = image.size
     ts = cfg.ts
-    rows, errors, pixels = [], [], []
+    rows, errors, all_boxes = [], [], []
     for region in record.get("regions", []):
         name = f"region {region.get('region_id')} of image {record.get('image_id')}"
         try:
@@ -65,8 +65,7 @@ def region_rows(record: dict[str, Any], image: Image.Image, cfg: PrepareConfig
             errors.append(error_row(record, region, "box", "bad_box", str(e)))
             continue
         boxes = view_boxes(box, width, height, ts)  # (T, 4)
-        views = crop_views(image, boxes, cfg.view_size)  # (T, S, S, 3)
-        pixels.append(views)
+        all_boxes.append(boxes)
         caption = region.get("caption")
         rows.append({
             "image_id": str(record["image_id"]), "region_id": str(region["region_id"]), "file": str(record["file"]),
@@ -78,12 +77,13 @@ def region_rows(record: dict[str, Any], image: Image.Image, cfg: PrepareConfig
             "ts": ts, "view_boxes": boxes.tolist(), "rois": region_in_views(box, boxes, cfg.view_size).tolist(),
         })
     if rows:
-        stack = np.concatenate(pixels)  # (R*T, S, S, 3)
-        codes = phash_batch(stack).reshape(len(rows), len(ts))  # (R, T)
-        for row, code, views in zip(rows, codes, pixels):
+        views = crop_views(image, np.concatenate(all_boxes), cfg.view_size)  # (R*T, S, S, 3)
+        codes = phash_batch(views).reshape(len(rows), len(ts))  # (R, T)
+        views = views.reshape(len(rows), len(ts), *views.shape[1:])
+        for row, code, pixels in zip(rows, codes, views):
             row["phash"] = code.tolist()
             if cfg.store_views:
-                row["views"] = views.tobytes()
+                row["views"] = pixels.tobytes()
     return rows, errors
 
 

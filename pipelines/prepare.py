@@ -188,7 +188,7 @@ def run(job: PrepareJob, force: bool = False, progress: bool = True) -> dict[str
         workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             PrepareShards, fn_constructor_kwargs={"job": dataclasses.asdict(job)}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(items))), num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))), num_cpus=1,
         )
         with tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="prepare", disable=not progress) as bar:
             for row in ds.iter_rows():
