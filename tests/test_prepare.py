@@ -114,15 +114,6 @@ def vg_regions(image_id, boxes):
          "x": b[0], "y": b[1], "width": b[2], "height": b[3]} for i, b in enumerate(boxes)]}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 def bad_corpus(root, so=None):
     """12 images: good ones in every mode plus every kind of bad input; returns the expected error reasons."""
     entries, sizes = [], []
