@@ -74,6 +74,7 @@ def region_rows(record: dict[str, Any], image: Image.Image, cfg: PrepareConfig
                                                                      ([caption] if caption else [])),
             "tags": parse_tags(caption) if caption else [], "category": region.get("category"),
             "attributes": list(region.get("attributes") or []),
+            "attribute_labels": list(region.get("attribute_labels") or []),
             "ts": ts, "view_boxes": boxes.tolist(), "rois": region_in_views(box, boxes, cfg.view_size).tolist(),
         })
     if rows:

@@ -38,6 +38,7 @@ REGION_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("split", pa.string()),
     ("box", pa.list_(pa.float64(), 4)), ("caption", pa.string()), ("captions", pa.list_(pa.string())),
     ("tags", pa.list_(pa.string())), ("category", pa.string()), ("attributes", pa.list_(pa.string())),
+    ("attribute_labels", pa.list_(pa.int8())),
     ("ts", pa.list_(pa.float64())), ("view_boxes", pa.list_(pa.list_(pa.int64(), 4))),
     ("rois", pa.list_(pa.list_(pa.float64(), 4))), ("phash", pa.list_(pa.uint64())),
 ])
