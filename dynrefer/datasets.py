@@ -188,6 +188,15 @@ def _split_ids(uri: str, split: str | None, storage_options: StorageOptions | No
     return out
 
 
+def _all_split_labels(root: str, storage_options: StorageOptions | None) -> dict[str, str | None]:
+    """image id -> split from every ``root/splits/{split}.json``, to label records when no split is asked for."""
+    labels: dict[str, str | None] = {}
+    for name in storage.listdir(storage.join(root, "splits"), storage_options):
+        if name.endswith(".json"):
+            labels.update(_split_ids(storage.join(root, "splits", name), name[:-5], storage_options))
+    return labels
+
+
 # --- Visual Genome ------------------------------------------------------------------------------------------------
 
 #: Where VG images may lie under the dataset root, searched in this order.
@@ -268,6 +277,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
     if split is not None and split_file is None:
         split_file = storage.join(root, "splits", f"{split}.json")
     splits = _split_ids(split_file, split, storage_options) if split_file else None
+    labels = splits if splits is not None else _all_split_labels(root, storage_options)
 
     image_uri = storage.join(root, "image_data.json")
     sizes: dict[str, tuple[int | None, int | None]] = {}
@@ -310,7 +320,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
         width, height = sizes.get(image_id, (None, None))
         file = files.get(f"{image_id}.jpg") or storage.join(root, "images", f"{image_id}.jpg")
         yield {"image_id": image_id, "file": file, "width": width, "height": height, "regions": regions,
-               "split": splits.get(image_id) if splits is not None else None}
+               "split": labels.get(image_id)}
 
 
 # --- RefCOCOg -----------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 PIPELINES = {
     "prepare": ("pipelines.prepare", "Ray Data: decode images, compute views and pHASH codes, write Parquet shards"),
     "demo": ("pipelines.demo", "run the whole system on the built-in synthetic corpus and write demo/report.md"),
+    "caption": ("pipelines.caption", "Ray Data batch inference: captions and tags for every prepared region"),
     "evaluate": ("pipelines.evaluate", "score predictions: METEOR/CIDEr, DenseCap mAP, attribute mAP, recognition"),
 }
 

@@ -1,0 +1,193 @@
+"""Model inputs from prepared region rows: which views each region gets, their pixels and RoIs, collated.
+
+Training, batch captioning and serving all build their batches here, so they agree on view choice, crops and
+RoIs. A prepared row (see ``pipelines/prepare.py``) carries ``ts`` (t=0 first, then the candidates),
+``view_boxes`` and ``phash`` per t, the clipped region ``box``, ``file``, ``caption`` and ``tags``. View boxes
+and RoIs always come from :mod:`dynrefer.views`; nothing here re-derives view geometry.
+
+View choice per region (indices into the row's ``ts``, t=0 first, the rest sorted by t):
+
+* ``train``: t=0 plus ``n - 1`` candidates drawn without replacement, afresh each time the region is seen;
+* ``phash``: t=0 plus the greedy pHASH choice of :func:`dynrefer.phash.select_views`;
+* ``fixed``: the available t nearest to each of the config's ``fixed_ts``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dynrefer import storage
+from dynrefer.config import ViewConfig
+from dynrefer.imageio import decode_image
+from dynrefer.phash import select_views
+from dynrefer.views import crop_views, region_in_views
+
+MODES = ("train", "phash", "fixed")
+
+
+@dataclass
+class ModelInputs:
+    """A collated batch: what :meth:`dynrefer.model.DynRefer.forward` and ``predict`` take, plus bookkeeping."""
+
+    views: np.ndarray  # (B, V, S, S, 3) uint8
+    rois: np.ndarray  # (B, V, 4) float32, the region in each view's S x S frame
+    ts: np.ndarray  # (B, V) float32, the t of each chosen view
+    captions: list[str]
+    tags: list[list[str]]
+    region_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.region_ids)
+
+    def to_columns(self) -> dict[str, np.ndarray]:
+        """Column form for a Ray Data batch (one entry per region)."""
+        tags = np.empty(len(self), dtype=object)
+        tags[:] = [list(t) for t in self.tags]
+        return {"views": self.views, "rois": self.rois, "ts": self.ts,
+                "caption": np.array(self.captions, dtype=object), "tags": tags,
+                "region_id": np.array(self.region_ids, dtype=object)}
+
+    @classmethod
+    def from_columns(cls, batch: Mapping[str, Any]) -> "ModelInputs":
+        """Inverse of :meth:`to_columns`, for a batch as Ray Data's ``iter_batches`` returns it."""
+        return cls(views=np.asarray(batch["views"], dtype=np.uint8), rois=np.asarray(batch["rois"], dtype=np.float32),
+                   ts=np.asarray(batch["ts"], dtype=np.float32), captions=[str(c) for c in batch["caption"]],
+                   tags=[[str(t) for t in tags] for tags in batch["tags"]],
+                   region_ids=[str(r) for r in batch["region_id"]])
+
+
+def region_rng(seed: int, sighting: int, region_id: str) -> np.random.Generator:
+    """A generator for one sighting of one region: reproducible for a seed, different for every sighting.
+
+    ``sighting`` tells the times a region is seen apart: the epoch, or a number the data pipeline draws
+    afresh every epoch (Ray Data's ``random`` expression with ``reseed_after_execution``).
+    """
+    return np.random.default_rng([seed, sighting, zlib.crc32(str(region_id).encode())])
+
+
+def _row_ts(row: Mapping[str, Any]) -> np.ndarray:
+    ts = np.asarray(row["ts"], dtype=np.float64)
+    if ts.ndim != 1 or len(ts) == 0 or ts[0] != 0.0:
+        raise ValueError(f"region {row.get('region_id')}: prepared ts must start with t=0, got {ts.tolist()}")
+    return ts
+
+
+def nearest_indices(available: Sequence[float], wanted: Sequence[float]) -> list[int]:
+    """For each wanted t, the index of the nearest available t (the smaller one on a tie)."""
+    a = np.asarray(available, dtype=np.float64)
+    return [int(np.argmin(np.abs(a - t) + 1e-9 * a)) for t in wanted]
+
+
+def candidate_indices(ts: Sequence[float], candidate_ts: Sequence[float]) -> list[int]:
+    """Indices (never 0) of the available views nearest the model's candidate t, sorted by t, without repeats."""
+    ts = np.asarray(ts, dtype=np.float64)
+    others = np.arange(1, len(ts))
+    if not len(others):
+        return []
+    picked = {int(others[i]) for i in nearest_indices(ts[1:], candidate_ts)}
+    return sorted(picked, key=lambda i: (ts[i], i))
+
+
+def train_views(ts: Sequence[float], cfg: ViewConfig, rng: np.random.Generator) -> list[int]:
+    """t=0 plus ``num_views - 1`` candidates drawn at random without replacement, sorted by t."""
+    candidates = candidate_indices(ts, cfg.candidate_ts)
+    if cfg.num_views - 1 > len(candidates):
+        raise ValueError(f"{cfg.num_views} views need {cfg.num_views - 1} candidates besides t=0, "
+                         f"the prepared rows offer {len(candidates)}")
+    drawn = rng.choice(candidates, size=cfg.num_views - 1, replace=False) if cfg.num_views > 1 else []
+    return [0, *sorted((int(i) for i in drawn), key=lambda i: (float(ts[i]), i))]
+
+
+def phash_views(ts: Sequence[float], codes: Sequence[int], cfg: ViewConfig) -> list[int]:
+    """t=0 plus the candidates :func:`dynrefer.phash.select_views` picks from their pHASH codes."""
+    candidates = candidate_indices(ts, cfg.candidate_ts)
+    pool = [0, *candidates]
+    t = np.asarray(ts, dtype=np.float64)[pool]
+    chosen = select_views(np.asarray(codes, dtype=np.uint64)[pool], t, cfg.num_views)
+    return [pool[i] for i in chosen]
+
+
+def fixed_views(ts: Sequence[float], cfg: ViewConfig) -> list[int]:
+    """The available view nearest each of ``cfg.fixed_ts`` (one per model view; the first must be t=0)."""
+    if len(cfg.fixed_ts) != cfg.num_views or cfg.fixed_ts[0] != 0.0:
+        raise ValueError(f"views.fixed_ts {cfg.fixed_ts} must hold num_views={cfg.num_views} values, 0.0 first")
+    return nearest_indices(ts, cfg.fixed_ts)
+
+
+def choose_views(row: Mapping[str, Any], cfg: ViewConfig, mode: str,
+                 rng: np.random.Generator | None = None) -> list[int]:
+    """View indices into ``row["ts"]`` for one region, by ``mode`` (one of :data:`MODES`)."""
+    ts = _row_ts(row)
+    if mode == "train":
+        if rng is None:
+            raise ValueError("training view choice draws at random: pass a numpy Generator")
+        return train_views(ts, cfg, rng)
+    if mode == "phash":
+        codes = row.get("phash")
+        if codes is None or len(codes) != len(ts):
+            raise ValueError(f"region {row.get('region_id')}: pHASH selection needs one code per prepared view")
+        return phash_views(ts, codes, cfg)
+    if mode == "fixed":
+        return fixed_views(ts, cfg)
+    raise ValueError(f"view mode must be one of {MODES}, got {mode!r}")
+
+
+def load_images(files: Iterable[str], storage_options: storage.StorageOptions | None = None,
+                max_pixels: int = 64_000_000) -> dict[str, Image.Image]:
+    """Decode every distinct file once: regions of one image share its decoded pixels."""
+    images: dict[str, Image.Image] = {}
+    for file in files:
+        if file not in images:
+            images[file] = decode_image(storage.read_bytes(file, storage_options), max_pixels=max_pixels, name=file)
+    return images
+
+
+def region_inputs(row: Mapping[str, Any], image: Image.Image, indices: Sequence[int], size: int,
+                  prepared_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen views' pixels (V, S, S, 3) uint8 and the region's RoI in each (V, 4) float32.
+
+    Stored RoIs are used when the rows were prepared at ``size`` (``prepared_size``); otherwise they are
+    recomputed for ``size`` with :func:`dynrefer.views.region_in_views`.
+    """
+    width, height = image.size
+    if (row.get("width"), row.get("height")) not in ((width, height), (None, None)):
+        raise ValueError(f"{row.get('file')}: decoded image is {width}x{height}, the prepared rows say "
+                         f"{row.get('width')}x{row.get('height')}; prepare the data again")
+    boxes = np.asarray(row["view_boxes"], dtype=np.int64).reshape(-1, 4)[list(indices)]  # (V, 4)
+    if prepared_size == size:
+        rois = np.asarray(row["rois"], dtype=np.float64).reshape(-1, 4)[list(indices)]
+    else:
+        rois = region_in_views(np.asarray(row["box"], dtype=np.float64), boxes, size)
+    return crop_views(image, boxes, size), rois.astype(np.float32)
+
+
+def build_inputs(rows: Sequence[Mapping[str, Any]], images: Mapping[str, Image.Image], cfg: ViewConfig, size: int,
+                 mode: str, rngs: Sequence[np.random.Generator] | None = None,
+                 prepared_size: int | None = None) -> ModelInputs:
+    """Choose, crop and collate the views of every row; ``rngs`` holds one generator per row in ``train`` mode."""
+    if mode == "train" and (rngs is None or len(rngs) != len(rows)):
+        raise ValueError("training batches need one numpy Generator per row")
+    b, v = len(rows), cfg.num_views
+    views = np.empty((b, v, size, size, 3), dtype=np.uint8)
+    rois = np.empty((b, v, 4), dtype=np.float32)
+    ts = np.empty((b, v), dtype=np.float32)
+    for i, row in enumerate(rows):
+        indices = choose_views(row, cfg, mode, rngs[i] if rngs is not None else None)
+        views[i], rois[i] = region_inputs(row, images[row["file"]], indices, size, prepared_size)
+        ts[i] = np.asarray(row["ts"], dtype=np.float32)[indices]
+    return ModelInputs(views=views, rois=rois, ts=ts, captions=[str(r.get("caption") or "") for r in rows],
+                       tags=[[str(t) for t in (r.get("tags") if r.get("tags") is not None else [])] for r in rows],
+                       region_ids=[str(r.get("region_id")) for r in rows])
+
+
+def rows_from_columns(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A columnar batch (Ray Data's numpy format, or lists) as one dict per row."""
+    names = list(batch)
+    if not names:
+        return []
+    return [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]

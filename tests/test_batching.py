@@ -1,0 +1,178 @@
+"""Model inputs from prepared rows: view choice per mode, crops, RoIs at the model's size, one decode per image."""
+
+import dataclasses
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynrefer import batching, storage
+from dynrefer.batching import (ModelInputs, build_inputs, candidate_indices, choose_views, load_images,
+                               region_rng, rows_from_columns)
+from dynrefer.config import ViewConfig
+from dynrefer.phash import select_views
+from dynrefer.preprocess import PrepareConfig, preprocess_image
+from dynrefer.views import crop_views, region_in_views
+
+RNG = np.random.default_rng(0)
+VIEWS = ViewConfig(num_views=3)
+
+
+def jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def scene(w, h):
+    return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def prepared_rows(root, view_size, images=((1, 160, 120), (2, 90, 140))):
+    """Rows as the prepare stage writes them, for images stored under ``root`` (two regions per image)."""
+    rows = []
+    for image_id, w, h in images:
+        file = storage.join(str(root), f"{image_id}.jpg")
+        if not storage.exists(file):
+            storage.write_bytes(file, jpeg(scene(w, h)))
+        record = {"image_id": str(image_id), "file": file, "split": "train", "regions": [
+            {"region_id": f"{image_id}-{i}", "box": box, "caption": f"a red circle number {i}",
+             "captions": [f"a red circle number {i}"]}
+            for i, box in enumerate([[5, 7, 40, 50], [30.5, 20.2, w - 3, h - 9]])]}
+        out, errors = preprocess_image(record, storage.read_bytes(file), PrepareConfig(view_size=view_size))
+        assert errors == []
+        rows.extend(out)
+    return rows
+
+
+def test_training_draw_keeps_t0_and_samples_distinct_candidates_uniformly():
+    ts = [0.0, *VIEWS.candidate_ts]
+    counts = Counter()
+    for i in range(2000):
+        chosen = choose_views({"ts": ts}, VIEWS, "train", np.random.default_rng(i))
+        assert chosen[0] == 0 and len(chosen) == 3 and len(set(chosen)) == 3
+        assert chosen[1:] == sorted(chosen[1:]) and 0 not in chosen[1:]
+        counts.update(chosen[1:])
+    assert set(counts) == set(range(1, 11))
+    assert max(counts.values()) / min(counts.values()) < 1.3  # each candidate drawn about 400 times
+
+
+def test_region_generators_repeat_per_sighting_and_differ_between_sightings():
+    ts = [0.0, *VIEWS.candidate_ts]
+    draw = [choose_views({"ts": ts}, VIEWS, "train", region_rng(0, s, "r1")) for s in range(20)]
+    again = [choose_views({"ts": ts}, VIEWS, "train", region_rng(0, s, "r1")) for s in range(20)]
+    assert draw == again
+    assert len({tuple(d) for d in draw}) > 5
+    assert choose_views({"ts": ts}, VIEWS, "train", region_rng(0, 0, "r2")) != draw[0] or \
+        choose_views({"ts": ts}, VIEWS, "train", region_rng(0, 1, "r2")) != draw[1]
+
+
+def test_training_draw_is_limited_to_the_model_candidates():
+    cfg = dataclasses.replace(VIEWS, candidate_ts=[0.3, 0.5, 0.8])
+    ts = [0.0, *VIEWS.candidate_ts]
+    seen = set()
+    for i in range(50):
+        seen.update(choose_views({"ts": ts}, cfg, "train", np.random.default_rng(i))[1:])
+    assert seen == {3, 5, 8}
+    with pytest.raises(ValueError, match="4 views need 3 candidates"):
+        choose_views({"ts": ts}, dataclasses.replace(cfg, num_views=4, candidate_ts=[0.3, 0.31, 0.5]), "train",
+                     np.random.default_rng(0))
+
+
+def test_phash_mode_is_the_greedy_selection_over_the_candidates(tmp_path):
+    for row in prepared_rows(tmp_path, 32):
+        assert choose_views(row, VIEWS, "phash") == select_views(row["phash"], row["ts"], 3)
+        cfg = dataclasses.replace(VIEWS, candidate_ts=[0.2, 0.4, 0.6, 0.8])
+        pool = [0, 2, 4, 6, 8]
+        expected = [pool[i] for i in select_views(np.array(row["phash"], dtype=np.uint64)[pool],
+                                                   np.array(row["ts"])[pool], 3)]
+        assert choose_views(row, cfg, "phash") == expected
+
+
+def test_fixed_mode_takes_the_nearest_available_t():
+    ts = [0.0, 0.25, 0.5, 1.0]
+    cfg = dataclasses.replace(VIEWS, fixed_ts=[0.0, 0.4, 0.9])
+    assert choose_views({"ts": ts}, cfg, "fixed") == [0, 2, 3]
+    with pytest.raises(ValueError, match="fixed_ts"):
+        choose_views({"ts": ts}, dataclasses.replace(VIEWS, fixed_ts=[0.5, 1.0]), "fixed")
+    assert candidate_indices(ts, [0.3, 0.2, 0.9, 1.0]) == [1, 3]
+
+
+def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match="numpy Generator"):
+        choose_views({"ts": [0.0, 0.5, 1.0]}, VIEWS, "train")
+    with pytest.raises(ValueError, match="must be one of"):
+        choose_views({"ts": [0.0, 0.5, 1.0]}, VIEWS, "random")
+    with pytest.raises(ValueError, match="start with t=0"):
+        choose_views({"ts": [0.5, 1.0]}, VIEWS, "fixed")
+    with pytest.raises(ValueError, match="one code per prepared view"):
+        choose_views({"ts": [0.0, 0.5, 1.0], "phash": [1, 2]}, VIEWS, "phash")
+
+
+def test_batch_crops_the_chosen_views_and_uses_stored_rois(tmp_path):
+    rows = prepared_rows(tmp_path, 32)
+    images = load_images(r["file"] for r in rows)
+    rngs = [region_rng(7, 0, r["region_id"]) for r in rows]
+    inputs = build_inputs(rows, images, VIEWS, 32, "train", rngs, prepared_size=32)
+    assert inputs.views.shape == (4, 3, 32, 32, 3) and inputs.views.dtype == np.uint8
+    assert inputs.rois.shape == (4, 3, 4) and inputs.rois.dtype == np.float32
+    for i, row in enumerate(rows):
+        chosen = choose_views(row, VIEWS, "train", region_rng(7, 0, row["region_id"]))
+        expected = crop_views(images[row["file"]], np.array(row["view_boxes"])[chosen], 32)
+        assert np.array_equal(inputs.views[i], expected)
+        assert np.array_equal(inputs.rois[i], np.array(row["rois"], dtype=np.float32)[chosen])
+        assert inputs.ts[i].tolist() == pytest.approx([row["ts"][j] for j in chosen])
+    assert inputs.captions == [r["caption"] for r in rows] and inputs.tags == [r["tags"] for r in rows]
+    assert inputs.tags[0] == ["red", "circle"]
+
+
+def test_rows_prepared_at_another_size_get_rois_recomputed_for_the_model(tmp_path):
+    small = prepared_rows(tmp_path, 32)
+    large = prepared_rows(tmp_path, 64)
+    images = load_images(r["file"] for r in small)
+    from_small = build_inputs(small, images, VIEWS, 64, "phash", prepared_size=32)
+    chosen = [choose_views(r, VIEWS, "phash") for r in small]
+    assert from_small.views.shape == (4, 3, 64, 64, 3)
+    for i, row in enumerate(small):
+        boxes = np.array(row["view_boxes"])[chosen[i]]
+        assert np.allclose(from_small.rois[i], region_in_views(row["box"], boxes, 64).astype(np.float32))
+        assert not np.allclose(from_small.rois[i], np.array(row["rois"])[chosen[i]])
+    # Fixed views pick the same boxes at either size: the same pixels, and the RoIs the prepare stage writes at 64.
+    fixed_small = build_inputs(small, images, VIEWS, 64, "fixed", prepared_size=32)
+    fixed_large = build_inputs(large, images, VIEWS, 64, "fixed", prepared_size=64)
+    assert np.array_equal(fixed_small.views, fixed_large.views)
+    assert np.allclose(fixed_small.rois, fixed_large.rois, atol=1e-5)
+    assert not np.allclose(fixed_small.rois, build_inputs(small, images, VIEWS, 32, "fixed", prepared_size=32).rois)
+
+
+def test_each_image_is_decoded_once_per_batch(tmp_path, monkeypatch):
+    rows = prepared_rows(tmp_path, 32)
+    calls = Counter()
+    real = batching.decode_image
+
+    def counting(data, max_pixels, name):
+        calls[name] += 1
+        return real(data, max_pixels=max_pixels, name=name)
+
+    monkeypatch.setattr(batching, "decode_image", counting)
+    images = load_images(r["file"] for r in rows)
+    assert len(rows) == 4 and len(images) == 2 and set(calls.values()) == {1}
+
+
+def test_a_changed_image_is_refused(tmp_path):
+    rows = prepared_rows(tmp_path, 32)
+    storage.write_bytes(rows[0]["file"], jpeg(scene(50, 50)))
+    with pytest.raises(ValueError, match="prepare the data again"):
+        build_inputs(rows[:1], load_images([rows[0]["file"]]), VIEWS, 32, "fixed", prepared_size=32)
+
+
+def test_columns_round_trip():
+    inputs = ModelInputs(views=np.zeros((2, 3, 8, 8, 3), np.uint8), rois=np.ones((2, 3, 4), np.float32),
+                         ts=np.zeros((2, 3), np.float32), captions=["a", "b"], tags=[["x"], []], region_ids=["1", "2"])
+    back = ModelInputs.from_columns(inputs.to_columns())
+    assert back.captions == ["a", "b"] and back.tags == [["x"], []] and back.region_ids == ["1", "2"]
+    assert np.array_equal(back.views, inputs.views) and np.array_equal(back.rois, inputs.rois)
+    rows = rows_from_columns({"a": np.array([1, 2]), "b": ["x", "y"]})
+    assert rows == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
