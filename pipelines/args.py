@@ -28,3 +28,11 @@ def init_ray(args: argparse.Namespace) -> None:
     import ray
 
     ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One log format for every pipeline: time, level, component, message."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

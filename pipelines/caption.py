@@ -30,7 +30,7 @@ from dynrefer import storage
 from dynrefer.batching import build_inputs, load_images
 from dynrefer.config import DynReferConfig, _build
 from dynrefer.imageio import ImageError
-from pipelines.args import add_ray_args, add_storage_args, init_ray, storage_options_from_args
+from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
 from pipelines.prepare import shard_name
 
 log = logging.getLogger("dynrefer.caption")
@@ -261,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     job = CaptionJob(model=args.model, prepared=args.prepared, out=args.out, split=args.split, views=args.views,
                      batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                      format=args.format, storage_options=storage_options_from_args(args))

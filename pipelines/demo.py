@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from dynrefer import storage
+from pipelines.args import setup_logging
 
 log = logging.getLogger("dynrefer.demo")
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dynrefer import metrics, storage
-from pipelines.args import add_storage_args, storage_options_from_args
+from pipelines.args import add_storage_args, setup_logging, storage_options_from_args
 
 log = logging.getLogger("dynrefer.evaluate")
 
@@ -290,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     so = storage_options_from_args(args) or None
     tasks = [t.strip() for arg in args.task for t in arg.split(",") if t.strip()]
     try:

@@ -29,7 +29,7 @@ from dynrefer import datasets, storage
 from dynrefer.config import _build
 from dynrefer.preprocess import PrepareConfig, error_row, preprocess_image
 from dynrefer.tags import TagVocabulary
-from pipelines.args import add_ray_args, add_storage_args, init_ray, storage_options_from_args
+from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
 
 log = logging.getLogger("dynrefer.prepare")
 
@@ -244,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     job = PrepareJob.from_yaml(args.config, root=args.root, out=args.out, split=args.split, workers=args.workers,
                                storage_options=storage_options_from_args(args) or None)
     init_ray(args)
