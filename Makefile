@@ -13,6 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	command -v java >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends default-jre-headless; }
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -29,7 +30,9 @@ demo: $(STAMP)
 	$(VENV)/bin/dynrefer demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/phash.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/phash.py
+	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) .cache demo

@@ -1,0 +1,245 @@
+"""Load on the Serve app at 127.0.0.1: throughput and p50/p99 latency at 1, 4 and 16 clients, @serve.batch on vs off.
+
+One run deploys the app twice on a local Ray cluster (batching on and off, in --modes order; the same untrained
+tiny model, the same image and boxes), sends /v1/regions requests from N client threads for a fixed time per level
+(at most --max-requests), and prints one row per (mode, clients). A poller reads ``serve.status()`` every 0.5 s for
+the replicas the autoscaler asked for and those running (model and preprocessing: 1..2 replicas, 1 s upscale and
+4 s downscale delays); after each mode it waits for them to scale back to one. Every request must succeed; the exit
+code is 1 otherwise.
+
+    .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off]
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+APP = "bench"
+
+
+def export_tiny_model(path: str) -> None:
+    import torch
+
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.config import load_config
+    from dynrefer.model import DynRefer
+
+    cfg = load_config("tiny")
+    cfg.tags.vocabulary = ["red", "blue", "circle", "square", "striped", "dotted"]
+    cfg.language.max_new_tokens = 8
+    torch.manual_seed(0)
+    save_pretrained(DynRefer(cfg), path)
+
+
+def request_body(boxes: int) -> bytes:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 80, (480, 640, 3), dtype=np.uint8))
+    ImageDraw.Draw(img).ellipse([200, 120, 440, 360], fill=(40, 90, 230))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    regions = [[40 + 60 * i, 40 + 30 * i, 240 + 60 * i, 300 + 30 * i] for i in range(boxes)]
+    return json.dumps({"image": base64.b64encode(out.getvalue()).decode(), "boxes": regions}).encode()
+
+
+def app_args(model: str, batching: bool) -> dict:
+    """Small deployments that fit 2 logical CPUs at their maximum: 0.1 + 2 x 0.4 + 2 x 0.5."""
+    scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0,
+               "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+    return {"model": model, "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+            "limits": {"request_timeout_s": 120},
+            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64,
+                        "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+            "preprocess": {"num_cpus": 0.4, "max_ongoing_requests": 8,
+                           "autoscaling": {**scaling, "target_ongoing_requests": 4}},
+            "predictor": {"num_cpus": 0.5, "max_ongoing_requests": 16,
+                          "autoscaling": {**scaling, "target_ongoing_requests": 4}}}
+
+
+class ReplicaPoller:
+    """Running replicas per deployment, sampled from serve.status() in a background thread."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self.latest: dict[str, int] = {}  # running replicas per deployment
+        self.peak: dict[str, int] = {}  # most running replicas since reset_peak
+        self.peak_wanted: dict[str, int] = {}  # most replicas running or starting since reset_peak
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> tuple[dict[str, int], dict[str, int]]:
+        from ray import serve
+
+        app = serve.status().applications.get(APP)
+        if app is None:
+            return {}, {}
+
+        def count(states, names):
+            return sum(n for state, n in states.items() if str(getattr(state, "value", state)) in names)
+
+        running = {name: count(d.replica_states, {"RUNNING"}) for name, d in app.deployments.items()}
+        wanted = {name: count(d.replica_states, {"RUNNING", "STARTING"}) for name, d in app.deployments.items()}
+        return running, wanted
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.latest, wanted = self.sample()
+            except Exception:  # noqa: BLE001 - the controller may be busy redeploying; try again next tick
+                wanted = {}
+            for name, n in self.latest.items():
+                self.peak[name] = max(self.peak.get(name, 0), n)
+            for name, n in wanted.items():
+                self.peak_wanted[name] = max(self.peak_wanted.get(name, 0), n)
+            self.stop.wait(self.interval_s)
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_wanted = dict(self.latest), dict(self.latest)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, payload = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        status, payload = e.code, {}
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        status, payload = 0, {}
+    return status, time.perf_counter() - start, payload
+
+
+def load_level(url: str, body: bytes, clients: int, seconds: float, max_requests: int) -> dict:
+    """Requests from ``clients`` threads, each sending the next as soon as one returns, for ``seconds``."""
+    lock = threading.Lock()
+    issued = [0]
+    results: list[tuple[int, float, int]] = []
+    deadline = time.perf_counter() + seconds
+
+    def client() -> None:
+        while True:
+            with lock:
+                if issued[0] >= max_requests or time.perf_counter() > deadline:
+                    return
+                issued[0] += 1
+            status, seconds, payload = post(url, body)
+            with lock:
+                results.append((status, seconds, payload.get("batch", {}).get("requests", 0)))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    wall = time.perf_counter() - start
+    ok = sorted(s for st, s, _ in results if st == 200)
+    shared = [b for st, _, b in results if st == 200]
+    pct = (lambda q: 1000 * ok[min(len(ok) - 1, int(q * len(ok)))]) if ok else (lambda q: float("nan"))
+    return {"clients": clients, "requests": len(results), "failed": sum(st != 200 for st, _, _ in results),
+            "throughput": len(ok) / wall, "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
+            "p99_ms": pct(0.99), "mean_shared": statistics.mean(shared) if shared else float("nan")}
+
+
+def wait_for_scale_down(poller: ReplicaPoller, deployment: str, replicas: int, timeout_s: float) -> float | None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if poller.latest.get(deployment) == replicas:
+            return time.perf_counter() - start
+        time.sleep(0.5)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="load time per level")
+    p.add_argument("--max-requests", type=int, default=2000, help="cap on requests per level")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
+    p.add_argument("--modes", default="on,off", help="@serve.batch on/off, in this order")
+    p.add_argument("--boxes", type=int, default=2, help="boxes per request")
+    p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    levels = [int(x) for x in args.levels.split(",")]
+    body = request_body(args.boxes)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1/regions"
+    rows, scale_downs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        export_tiny_model(model)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        poller = None
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 150})
+            poller = ReplicaPoller()
+            for batching in [m.strip() == "on" for m in args.modes.split(",")]:
+                mode = "batch on" if batching else "batch off"
+                serve.run(app_builder(app_args(model, batching)), name=APP, route_prefix="/")
+                for _ in range(5):
+                    post(url, body)  # warm-up: first forwards, tokenizer, allocator
+                for clients in levels:
+                    for name in ("Predictor", "Preprocess"):
+                        wait_for_scale_down(poller, name, 1, 60)
+                    poller.reset_peak()
+                    row = load_level(url, body, clients, args.seconds, args.max_requests)
+                    replicas = {name: f"{poller.peak.get(name, 0)}/{poller.peak_wanted.get(name, 0)}"
+                                for name in ("Predictor", "Preprocess")}
+                    row.update(mode=mode, replicas=replicas)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                at_end = dict(poller.latest)
+                scale_downs[mode] = (at_end, {name: wait_for_scale_down(poller, name, 1, 60)
+                                              for name in ("Predictor", "Preprocess")})
+        finally:
+            if poller is not None:
+                poller.close()
+            serve.shutdown()
+            ray.shutdown()
+
+    print(f"\n/v1/regions, {args.boxes} boxes per 640x480 JPEG, untrained tiny model, {args.num_cpus} logical CPUs, "
+          f"{args.seconds:g} s per level; replicas: most running / most running or starting\n")
+    print(f"{'mode':<10}{'clients':>8}{'requests':>9}{'failed':>7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'req/forward':>12}{'model repl.':>12}{'prep repl.':>11}")
+    for r in rows:
+        print(f"{r['mode']:<10}{r['clients']:>8}{r['requests']:>9}{r['failed']:>7}{r['throughput']:>8.2f}"
+              f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}{r['mean_shared']:>12.2f}{r['replicas']['Predictor']:>12}"
+              f"{r['replicas']['Preprocess']:>11}")
+    for mode, (at_end, waits) in scale_downs.items():
+        for name, seconds in waits.items():
+            took = f"back to 1 after {seconds:.1f} s idle" if seconds is not None else "not back to 1 within 60 s"
+            print(f"{mode}: {name} replicas at the end of the load {at_end.get(name)}, {took}")
+    failed = sum(r["failed"] for r in rows)
+    print(f"\nfailed requests: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

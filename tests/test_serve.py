@@ -1,0 +1,598 @@
+"""The Serve app: request parsing and preprocessing as pure functions, then the real app over HTTP on 127.0.0.1,
+then its web page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from dynrefer.config import load_config
+from dynrefer.views import validate_box
+from pipelines.serve import (
+    PAGE, Dense, Limits, Prepared, RegionsResponse, RequestError, bounded, deployment_options, guarded, parse_config,
+    parse_payload, predict_items, prepare_request, proposal_boxes, read_body,
+)
+
+LIMITS = Limits(max_body_bytes=300_000, max_pixels=250_000, max_boxes=4, max_texts=3, max_text_chars=40)
+
+
+def picture(width: int = 320, height: int = 240, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A small image with a few coloured shapes on noise."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 60, (height, width, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([20, 30, 120, 130], fill=(220, 40, 40))
+    draw.ellipse([150, 60, 290, 200], fill=(40, 90, 230))
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def flat(width: int, height: int) -> bytes:
+    """A one-colour PNG: many pixels in few bytes."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def multipart(fields: dict[str, bytes | str], boundary: str = "dynrefer-test-boundary") -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart/form-data request; ``image`` goes as a file part."""
+    out = b""
+    for name, value in fields.items():
+        data = value.encode() if isinstance(value, str) else value
+        extra = '; filename="upload.png"\r\nContent-Type: image/png' if name == "image" else ""
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'.encode() + data + b"\r\n"
+    return f"multipart/form-data; boundary={boundary}", out + f"--{boundary}--\r\n".encode()
+
+
+# ----------------------------------------------------------------------------------------- pure functions
+
+
+def test_config_is_checked_and_becomes_deployment_options():
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_config({"model": "m", "batch": {}})
+    with pytest.raises(ValueError, match="at least twice"):
+        parse_config({"model": "m", "batching": {"max_batch_size": 8}, "predictor": {"max_ongoing_requests": 10}})
+    cfg = parse_config({"model": "m", "batching": {"enabled": False, "max_batch_size": 8},
+                        "predictor": {"max_ongoing_requests": 4, "num_gpus": 1,
+                                      "autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
+    opts = deployment_options(cfg.predictor)
+    assert opts["ray_actor_options"]["num_gpus"] == 1 and opts["max_ongoing_requests"] == 4
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and "initial_replicas" not in opts["autoscaling_config"]
+
+
+@pytest.mark.parametrize("name", ["local", "gpu"])
+def test_shipped_serve_configs_build_the_app_bound_to_loopback(name):
+    from ray.serve import Application
+
+    from pipelines.serve import app_builder, read_serve_file
+
+    spec = read_serve_file(os.path.join(os.path.dirname(__file__), "..", "configs", "serve", f"{name}.yaml"))
+    assert spec["http_options"]["host"] == "127.0.0.1"
+    for app in spec["applications"]:
+        cfg = parse_config(app["args"])
+        assert isinstance(app_builder(app["args"]), Application)
+        assert cfg.predictor.max_ongoing_requests >= 2 * cfg.batching.max_batch_size
+        assert (cfg.predictor.num_gpus >= 1) == (name == "gpu")
+
+
+def test_payload_from_json_multipart_and_raw_bytes_agree():
+    image = picture()
+    boxes = [[10, 20, 100, 120], [150.5, 60, 290, 200]]
+    as_json = parse_payload("application/json", json.dumps(
+        {"image": base64.b64encode(image).decode(), "boxes": boxes, "texts": ["red", "blue", "red"]}).encode(), LIMITS)
+    ctype, body = multipart({"image": image, "boxes": json.dumps(boxes), "texts": '["red", "blue"]'})
+    as_form = parse_payload(ctype, body, LIMITS)
+    assert as_json == as_form and as_json.image == image and as_json.texts == ["red", "blue"]
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    assert parse_payload("application/json; charset=utf-8", json.dumps({"image": data_url}).encode(),
+                         LIMITS).image == image
+    raw = parse_payload("image/png", image, LIMITS)
+    assert raw.image == image and raw.boxes is None
+
+
+@pytest.mark.parametrize("ctype,body,status,error", [
+    ("text/plain", b"hi", 415, "unsupported_media_type"),
+    ("application/json", b"{not json", 400, "bad_request"),
+    ("application/json", b'{"image": "@@@"}', 422, "bad_image"),
+    ("application/json", b'{"url": "http://example.com/a.jpg"}', 422, "url_not_fetched"),
+    ("application/json", json.dumps({"image": "aGk=", "boxes": [[0, 0, 1, 1]] * 5}).encode(), 422,
+     "too_many_boxes"),
+    ("application/json", b'{"image": "aGk=", "boxes": [[0, 0, 1]]}', 422, "bad_box"),
+    ("application/json", b'{"image": "aGk=", "boxes": [[0, 0, true, 1]]}', 422, "bad_box"),
+    ("application/json", b'{"image": "aGk=", "texts": ["a", ""]}', 422, "bad_texts"),
+    ("application/json", b'{"image": "aGk=", "texts": ["a", "b", "c", "d"]}', 422, "bad_texts"),
+    ("application/json", b'{"image": "aGk=", "colour": 1}', 422, "bad_request"),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nab", 400,
+     "bad_request"),
+    ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="boxes"\r\n\r\n[]\r\n--xyz--',
+     422, "bad_image"),
+])
+def test_payload_refusals_say_what_is_wrong(ctype, body, status, error):
+    with pytest.raises(RequestError) as e:
+        parse_payload(ctype, body, LIMITS)
+    assert (e.value.status, e.value.error) == (status, error) and e.value.message
+
+
+def test_body_is_refused_by_its_declared_length_before_any_byte_is_read_and_by_its_size_otherwise():
+    from starlette.requests import Request
+
+    def request(headers: dict[str, str], chunks: list[bytes]):
+        reads = []
+
+        async def receive():
+            reads.append(1)
+            return {"type": "http.request", "body": chunks[len(reads) - 1], "more_body": len(reads) < len(chunks)}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        return Request(scope, receive), reads
+
+    req, reads = request({"Content-Length": "5000"}, [b"x" * 5000])
+    with pytest.raises(RequestError) as e:
+        asyncio.run(read_body(req, 1000))
+    assert e.value.status == 413 and not reads
+    req, reads = request({}, [b"x" * 400] * 10)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(read_body(req, 1000))
+    assert e.value.status == 413 and len(reads) == 3
+    req, _ = request({}, [b"ab", b"cd"])
+    assert asyncio.run(read_body(req, 1000)) == b"abcd"
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    cfg = load_config("tiny")
+    cfg.tags.vocabulary = ["red", "blue", "circle", "striped"]
+    cfg.tags.threshold = 0.0  # untrained: every tag comes back, with its score
+    cfg.language.max_new_tokens = 6
+    return cfg
+
+
+def test_prepare_request_gives_the_batch_pipelines_views(tiny_cfg):
+    from dynrefer.batching import build_inputs
+    from dynrefer.imageio import decode_image
+    from dynrefer.preprocess import PrepareConfig, preprocess_image
+
+    image = picture()
+    boxes = [[10, 20, 100, 120], [-5, 60, 290, 260]]  # the second is clipped to the image
+    got = prepare_request(image, boxes, ["red"], tiny_cfg, "phash", LIMITS)
+    assert got.failure is None and got.boxes[1] == [0.0, 60.0, 290.0, 240.0] and (got.width, got.height) == (320, 240)
+    prep = PrepareConfig(view_size=tiny_cfg.image_size, candidate_ts=tiny_cfg.views.candidate_ts)
+    record = {"image_id": "i", "file": "f", "regions": [{"region_id": str(i), "box": b} for i, b in enumerate(boxes)]}
+    rows, errors = preprocess_image(record, image, prep)
+    want = build_inputs(rows, {"f": decode_image(image)}, tiny_cfg.views, tiny_cfg.image_size, "phash",
+                        prepared_size=tiny_cfg.image_size)
+    assert not errors
+    np.testing.assert_array_equal(got.views, want.views)
+    np.testing.assert_array_equal(got.rois, want.rois)
+    assert got.view_ts == want.ts.astype(float).round(6).tolist() and all(t[0] == 0.0 for t in got.view_ts)
+    assert all(len(vb) == 3 and vb[-1][2] - vb[-1][0] >= vb[0][2] - vb[0][0] for vb in got.view_boxes)
+
+
+def test_prepare_request_failures_carry_reasons_and_validate_box_messages(tiny_cfg):
+    def fail(data, boxes, limits=LIMITS):
+        f = prepare_request(data, boxes, [], tiny_cfg, "phash", limits).failure
+        assert f is not None
+        return f
+
+    assert fail(b"not an image at all", [[0, 0, 5, 5]])["reason"] == "not_image"
+    assert fail(picture()[:300], [[0, 0, 5, 5]])["reason"] in ("truncated", "corrupt")
+    big = fail(flat(600, 500), [[0, 0, 5, 5]])
+    assert (big["status"], big["reason"]) == (413, "too_large")
+    outside = fail(picture(), [[0, 0, 5, 5], [400, 10, 500, 50]])
+    with pytest.raises(ValueError) as e:
+        validate_box([400, 10, 500, 50], 320, 240, name="boxes[1]")
+    assert outside["status"] == 422 and outside["message"] == str(e.value)
+    assert outside["details"] == [{"index": 1, "message": str(e.value)}]
+    assert "zero or negative area" in fail(picture(), [[50, 50, 50, 80]])["message"]
+
+
+def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
+    proposed = [([0, 0, 10, 10], 0.2), ([5, 5, 60, 60], 0.9), ([10, 10, 100, 90], 0.5), ([1, 1, 30, 30], 0.6)]
+    assert proposal_boxes(proposed, 0.3, 2) == ([[5.0, 5.0, 60.0, 60.0], [1.0, 1.0, 30.0, 30.0]], [0.9, 0.6])
+
+    class FixedProposals:
+        """Stands in for a detector: the same boxes for every image."""
+
+        def propose(self, image):
+            return proposed
+
+    got = prepare_request(picture(), None, [], tiny_cfg, "fixed", LIMITS, FixedProposals(), Dense(min_score=0.3))
+    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5] and len(got.views) == 3
+    assert got.view_ts == [[0.0, 0.5, 1.0]] * 3
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as in a Ray replica (OMP_NUM_THREADS=1): threads fighting over 2 busy cores are 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_forward_for_many_requests_equals_one_per_request(tiny_cfg, one_torch_thread):
+    import torch
+
+    from dynrefer.model import DynRefer
+
+    torch.manual_seed(3)
+    model = DynRefer(tiny_cfg).eval()
+    a = prepare_request(picture(seed=1), [[10, 20, 100, 120]], ["red"], tiny_cfg, "phash", LIMITS)
+    b = prepare_request(picture(seed=2), [[150, 60, 290, 200], [0, 0, 64, 64]], ["blue", "circle"], tiny_cfg,
+                        "phash", LIMITS)
+    bad = Prepared(failure={"status": 422, "error": "bad_box", "message": "x"})
+    together = predict_items(model, [a, bad, b], max_regions=2)
+    alone = [predict_items(model, [x], max_regions=8)[0] for x in (a, b)]
+    assert [len(p) for p in together] == [1, 0, 2]
+    for got, want in zip([together[0], together[2]], alone):
+        assert [p.caption for p in got] == [p.caption for p in want]
+        assert [[t for t, _ in p.tags] for p in got] == [[t for t, _ in p.tags] for p in want]
+        for g, w in zip(got, want):
+            assert g.text_scores.keys() == w.text_scores.keys()
+            np.testing.assert_allclose(list(g.text_scores.values()), list(w.text_scores.values()), rtol=1e-4, atol=1e-6)
+    assert set(together[0][0].text_scores) == {"red"} and set(together[2][0].text_scores) == {"blue", "circle"}
+
+
+def test_server_errors_are_json_with_a_request_id_and_the_trace_only_in_the_log(caplog):
+    async def broken(request_id):
+        raise KeyError("/secret/path/model.safetensors")
+
+    with caplog.at_level("ERROR", logger="dynrefer.serve"):
+        response = asyncio.run(guarded(broken))
+    body = json.loads(response.body)
+    assert response.status_code == 500 and body["error"] == "internal"
+    assert "secret" not in response.body.decode() and "Traceback" not in response.body.decode()
+    assert body["request_id"] in caplog.text and "secret/path" in caplog.text
+
+
+def test_a_slow_deployment_is_cancelled_upstream_too_and_answered_with_504():
+    class Pending:
+        """Awaitable like a DeploymentResponse that never resolves; remembers being cancelled."""
+
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.sleep(3600).__await__()
+
+        def cancel(self):
+            self.cancelled = True
+
+    model, upstream = Pending(), Pending()
+    with pytest.raises(RequestError) as e:
+        asyncio.run(bounded(model, 0.05, "captioning", upstream=[upstream]))
+    assert e.value.status == 504 and model.cancelled and upstream.cancelled
+
+
+def test_page_is_self_contained():
+    assert "<canvas" in PAGE and 'type="file"' in PAGE
+    for needle in ("http://", "https://", 'src="//', "<link", "import "):
+        assert needle not in PAGE
+
+
+# ------------------------------------------------------------------------------------- the app over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, ray_local, tiny_cfg):
+    """The app on a real local Serve at 127.0.0.1 with an exported untrained tiny model; shut down afterwards."""
+    import requests
+    import torch
+    from ray import serve
+
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.model import DynRefer
+    from pipelines.serve import app_builder
+
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(3)
+    save_pretrained(DynRefer(tiny_cfg), str(root / "model"))
+    one = {"min_replicas": 1, "max_replicas": 1}
+    args = {"model": str(root / "model"), "limits": {**LIMITS.__dict__, "request_timeout_s": 120},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+            "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 32, "autoscaling": one},
+            "preprocess": {"num_cpus": 0.25, "max_ongoing_requests": 8, "autoscaling": one},
+            "predictor": {"num_cpus": 0.5, "max_ongoing_requests": 8, "autoscaling": one}}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 150})
+    try:
+        serve.run(app_builder(args), name="dynrefer-test", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(base + "/healthz", timeout=60).json() == {"status": "ok"}
+        yield {"base": base, "root": root}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dense_server(server, tiny_cfg):
+    """A second app on the same Serve, at /dense, with an untrained proposal model from dynrefer.proposals."""
+    import requests
+    from ray import serve
+
+    from dynrefer.proposals import ProposalConfig, Proposer, build_proposer
+    from pipelines.serve import app_builder
+
+    cfg = ProposalConfig(min_size=128, max_size=256)
+    Proposer(build_proposer(cfg), cfg).save(str(server["root"] / "proposals"))
+    small = {"num_cpus": 0.2, "max_ongoing_requests": 8, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    args = {"model": str(server["root"] / "model"), "proposals": str(server["root"] / "proposals"),
+            "dense": {"min_score": 0.2, "max_regions": 3}, "limits": {"max_boxes": 4},
+            "batching": {"max_batch_size": 4}, "ingress": small, "preprocess": small, "predictor": small}
+    serve.run(app_builder(args), name="dynrefer-dense", route_prefix="/dense")
+    try:
+        assert requests.get(server["base"] + "/dense/healthz", timeout=60).json() == {"status": "ok"}
+        yield {**server, "base": server["base"] + "/dense"}
+    finally:
+        serve.delete("dynrefer-dense")
+
+
+def post(server, path, **kw):
+    import requests
+
+    return requests.post(server["base"] + path, timeout=150, **kw)
+
+
+BOXES = [[20, 30, 120, 130], [150, 60, 290, 200]]
+
+
+@pytest.mark.slow
+def test_regions_multipart_base64_and_raw_agree(server):
+    image = picture()
+    form = post(server, "/v1/regions", files={"image": ("a.png", image, "image/png")},
+                data={"boxes": json.dumps(BOXES), "texts": json.dumps(["a red square", "a blue circle"])})
+    assert form.status_code == 200, form.text
+    body = RegionsResponse.model_validate(form.json())
+    assert len(body.regions) == 2 and (body.image.width, body.image.height) == (320, 240)
+    assert form.headers["X-Request-ID"] == body.request_id
+    for region, box in zip(body.regions, BOXES):
+        assert region.box == box and isinstance(region.caption, str)
+        assert sorted(t.tag for t in region.tags) == ["blue", "circle", "red", "striped"]
+        assert all(0 <= t.score <= 1 for t in region.tags)
+        assert list(region.text_scores) == ["a red square", "a blue circle"]
+        assert [v.t for v in region.views][0] == 0.0 and len(region.views) == 3
+    as_json = post(server, "/v1/regions", json={"image": base64.b64encode(image).decode(), "boxes": BOXES},
+                   headers={"X-Request-ID": "client-trace-7"})
+    assert as_json.status_code == 200, as_json.text
+    assert [r["caption"] for r in as_json.json()["regions"]] == [r.caption for r in body.regions]
+    assert all(r["text_scores"] == {} for r in as_json.json()["regions"])
+    assert as_json.json()["request_id"] == as_json.headers["X-Request-ID"] == "client-trace-7"
+    dense = post(server, "/v1/dense", json={"image": base64.b64encode(image).decode(), "boxes": BOXES[:1]})
+    assert dense.status_code == 200 and dense.json()["source"] == "request"
+    assert [r["caption"] for r in dense.json()["regions"]] == [body.regions[0].caption]
+
+
+@pytest.mark.slow
+def test_dense_captions_the_proposals_of_the_configured_proposal_model(dense_server):
+    r = post(dense_server, "/v1/dense", data=picture(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = RegionsResponse.model_validate(r.json())
+    assert body.source == "proposals" and 1 <= len(body.regions) <= 3
+    scores = [region.score for region in body.regions]
+    assert all(s >= 0.2 for s in scores) and scores == sorted(scores, reverse=True)
+    assert all(0 <= b.box[0] < b.box[2] <= 320 and 0 <= b.box[1] < b.box[3] <= 240 for b in body.regions)
+    given = post(dense_server, "/v1/dense", files={"image": ("a.png", picture(), "image/png")},
+                 data={"boxes": json.dumps(BOXES)})
+    assert given.json()["source"] == "request" and [g["box"] for g in given.json()["regions"]] == BOXES
+
+
+@pytest.mark.slow
+def test_bad_requests_get_the_right_4xx_and_a_json_body(server):
+    image = picture()
+    b64 = base64.b64encode(image).decode()
+
+    def form(data: bytes, boxes=BOXES):
+        return {"files": {"image": ("x.png", data, "image/png")}, "data": {"boxes": json.dumps(boxes)}}
+
+    outside = [[400, 10, 500, 50]]
+    with pytest.raises(ValueError) as outside_msg:
+        validate_box(outside[0], 320, 240, name="boxes[0]")
+    cases = [
+        ("/v1/regions", form(b"GIF? no, plain text"), 422, "bad_image", "not_image"),
+        ("/v1/regions", form(image[: len(image) // 2]), 422, "bad_image", None),
+        ("/v1/regions", form(flat(600, 500)), 413, "bad_image", "too_large"),
+        ("/v1/regions", form(image, BOXES * 3), 422, "too_many_boxes", None),
+        ("/v1/regions", form(image, outside), 422, "bad_box", None),
+        ("/v1/regions", form(image, [[50, 50, 40, 80]]), 422, "bad_box", None),
+        ("/v1/regions", {"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type",
+         None),
+        ("/v1/regions", {"data": b"\xff" * 400_000, "headers": {"Content-Type": "image/jpeg"}}, 413, "body_too_large",
+         None),
+        ("/v1/regions", {"data": (b"\xff" * 20_000 for _ in range(20)), "headers": {"Content-Type": "image/jpeg"}},
+         413, "body_too_large", None),
+        ("/v1/regions", {"json": {"image": b64}}, 422, "bad_box", None),
+        ("/v1/regions", {"json": {"url": "http://127.0.0.1:1/x.jpg"}}, 422, "url_not_fetched", None),
+        ("/v1/dense", {"json": {"image": b64}}, 501, "no_proposals", None),
+    ]
+    for path, kw, status, error, reason in cases:
+        r = post(server, path, **kw)
+        body = r.json()
+        assert (r.status_code, body["error"]) == (status, error), (path, status, r.text)
+        assert body["message"] and body["request_id"] == r.headers["X-Request-ID"] and "Traceback" not in r.text
+        if reason:
+            assert body["reason"] == reason
+    r = post(server, "/v1/regions", **form(image, outside))
+    assert r.json()["message"] == str(outside_msg.value)
+    assert post(server, "/v1/regions", **form(image, [[50, 50, 40, 80]])).json()["message"].startswith(
+        "boxes[0] [50.0, 50.0, 40.0, 80.0]: zero or negative area")
+
+
+@pytest.mark.slow
+def test_health_model_info_and_docs(server):
+    import requests
+
+    base = server["base"]
+    assert requests.get(base + "/healthz", timeout=30).json() == {"status": "ok"}
+    info = requests.get(base + "/v1/model", timeout=30).json()
+    assert info["parameters"]["total"] > info["parameters"]["trainable"] > 0 and info["parameters"]["encoder"] > 0
+    assert info["views"]["num_views"] == 3 and info["views"]["selection"] == "phash"
+    assert info["config"]["tags"]["vocabulary_size"] == 4 and info["batching"]["max_batch_size"] == 4
+    assert info["limits"]["max_boxes"] == 4 and info["proposals"] is None
+    docs = requests.get(base + "/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(base + "/openapi.json", timeout=30).json()
+    assert {"/v1/regions", "/v1/dense", "/healthz", "/v1/model"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/regions"]["post"]["requestBody"]["content"]
+    page = requests.get(base + "/", timeout=30)
+    assert page.status_code == 200 and page.text == PAGE
+
+
+@pytest.mark.slow
+def test_parallel_requests_share_a_forward(server):
+    import requests
+
+    image = picture(seed=5)
+    b64 = base64.b64encode(image).decode()
+
+    def one(i):
+        return post(server, "/v1/regions", json={"image": b64, "boxes": [[10 + i, 10, 120 + i, 150]]})
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    shared = [r.json()["batch"]["requests"] for r in responses]
+    assert max(shared) > 1 and all(1 <= s <= 4 for s in shared)
+    stats = requests.get(server["base"] + "/v1/model", timeout=30).json()["batching"]
+    assert stats["max_requests_per_forward"] > 1 and stats["forwards"] < stats["requests"]
+
+
+# ------------------------------------------------------------------------------------- the page in Chromium
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (one page, flat sessions)."""
+
+    def __init__(self, profile: str):
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+             "--window-size=1400,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = os.path.join(profile, "DevToolsActivePort")
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and len(open(port_file).read().split()) >= 2):
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("chromium did not start")
+            time.sleep(0.2)
+        port, path = open(port_file).read().split()[:2]
+        self.ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=30)
+        self.next_id = 0
+        self.events: list[dict] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=60))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self.events.append(reply)
+
+    def page(self, method: str, **params):
+        return self.call(method, self.session, **params)
+
+    def js(self, expression: str):
+        result = self.page("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(expression)
+
+    def drag(self, x1: float, y1: float, x2: float, y2: float) -> None:
+        self.page("Input.dispatchMouseEvent", type="mousePressed", x=x1, y=y1, button="left", buttons=1, clickCount=1)
+        for f in (0.3, 0.7, 1.0):
+            self.page("Input.dispatchMouseEvent", type="mouseMoved", x=x1 + f * (x2 - x1), y=y1 + f * (y2 - y1),
+                      button="left", buttons=1)
+        self.page("Input.dispatchMouseEvent", type="mouseReleased", x=x2, y=y2, button="left", buttons=0, clickCount=1)
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "ws", None):
+                self.ws.close()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_page_uploads_an_image_draws_boxes_and_shows_captions(server, tmp_path):
+    image_path = tmp_path / "upload.png"
+    image_path.write_bytes(picture())
+    browser = Browser(str(tmp_path / "profile"))
+    try:
+        browser.page("Page.enable")
+        browser.page("Page.navigate", url=server["base"] + "/")
+        browser.wait_for("document.readyState === 'complete' && !!window.dynrefer", 60)
+        node = browser.page("DOM.querySelector", nodeId=browser.page("DOM.getDocument")["root"]["nodeId"],
+                            selector="#file")["nodeId"]
+        browser.page("DOM.setFileInputFiles", files=[str(image_path)], nodeId=node)
+        browser.wait_for("window.dynrefer.imageLoaded", 30)
+        rect = browser.js("(() => { const r = document.querySelector('#canvas').getBoundingClientRect();"
+                          " return [r.left, r.top, r.width / 320]; })()")
+        left, top, s = rect
+        for x1, y1, x2, y2 in BOXES:
+            browser.drag(left + x1 * s, top + y1 * s, left + x2 * s, top + y2 * s)
+        drawn = browser.js("window.dynrefer.boxes")
+        assert len(drawn) == 2 and all(abs(a - b) <= 2 for d, w in zip(drawn, BOXES) for a, b in zip(d, w))
+        browser.js("document.querySelector('#caption').click()")
+        state = browser.wait_for("['done', 'error'].includes(document.querySelector('#status').dataset.state) && "
+                                 "document.querySelector('#status').dataset.state", 150)
+        assert state == "done", browser.js("document.querySelector('#status').textContent")
+        shown = browser.js("[...document.querySelectorAll('#results li .caption')].map(e => e.textContent)")
+        shot = tmp_path / "serve-page.png"
+        shot.write_bytes(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        browser.close()
+    api = post(server, "/v1/regions", json={"image": base64.b64encode(picture()).decode(), "boxes": drawn}).json()
+    assert shown == [r["caption"] or "(no caption)" for r in api["regions"]] and len(shown) == 2
+    assert any(r["caption"] for r in api["regions"])
+    with Image.open(shot) as img:
+        assert img.size[0] >= 640 and len(set(img.convert("RGB").getdata())) > 50
+    print(f"screenshot: {shot}")
