@@ -36,6 +36,7 @@ class DynRefer(nn.Module):
         self.tags = TagHead(cfg.tags, text_dim, region_dim)
         self.contrastive = ContrastiveHead(cfg.contrastive, text_dim, region_dim)
         self.language = LanguageHead(cfg.language, region_dim, storage_options)
+        promote_scalar_parameters(self)
         self.refresh_tag_embeddings()
 
     def refresh_tag_embeddings(self) -> None:
@@ -45,6 +46,14 @@ class DynRefer(nn.Module):
             return
         chunks = [self.encoder.encode_text(vocab[i: i + 512]) for i in range(0, len(vocab), 512)]
         self.tags.tag_embeddings.copy_(torch.cat(chunks).to(self.tags.tag_embeddings.dtype))
+
+    def freeze_unused_heads(self) -> None:
+        """Freeze the heads whose loss is off, so that optimizers (and DDP) only hold parameters that get gradients."""
+        w = self.cfg.loss
+        for head, used in ((self.tags, w.tags > 0 and len(self.cfg.tags.vocabulary) > 0),
+                           (self.contrastive, w.contrastive > 0), (self.language, w.caption > 0)):
+            if not used:
+                head.requires_grad_(False)
 
     def forward(self, views: torch.Tensor, rois: torch.Tensor, captions: list[str],
                 tags: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -77,6 +86,18 @@ class DynRefer(nn.Module):
             probs = torch.sigmoid(self.contrastive(self.encoder.encode_text(texts).to(regions.dtype), regions))
             scores = [dict(zip(texts, row.tolist())) for row in probs.float()]
         return [RegionPrediction(c, t, s) for c, t, s in zip(captions, tags, scores)]
+
+
+def promote_scalar_parameters(module: nn.Module) -> None:
+    """Give every 0-dim parameter (the logit scales) shape (1,), which broadcasts the same in every formula.
+
+    DeepSpeed fails on 0-dim parameters: it broadcasts them as byte views and clips their gradients in place by
+    a (1,)-shaped coefficient.
+    """
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(m, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The ``dynrefer`` command: one subcommand per stage, each with ``--help``; configs are files, paths local or s3://.
 
-Ray-backed stages (prepare, ...) hand their arguments to their own module's ``main``, so that
+Ray-backed stages (prepare, train, ...) hand their arguments to their own module's ``main``, so that
 ``python -m pipelines.prepare`` (e.g. under ``ray job submit``) and ``dynrefer prepare`` are the same program.
 """
 
@@ -56,9 +56,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 PIPELINES = {
     "prepare": ("pipelines.prepare", "Ray Data: decode images, compute views and pHASH codes, write Parquet shards"),
+    "train": ("pipelines.train", "Ray Train + DeepSpeed: train DynRefer on prepared shards, checkpoint, resume, export"),
     "demo": ("pipelines.demo", "run the whole system on the built-in synthetic corpus and write demo/report.md"),
     "caption": ("pipelines.caption", "Ray Data batch inference: captions and tags for every prepared region"),
     "evaluate": ("pipelines.evaluate", "score predictions: METEOR/CIDEr, DenseCap mAP, attribute mAP, recognition"),
+    "serve": ("pipelines.serve", "Ray Serve app: region captions over HTTP (JSON API and a web page)"),
 }
 
 
