@@ -766,7 +766,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     writer = None
     if rank == 0:
-        from tensorboardX import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # its flush() waits for the queued events
 
         # purge_step hides what an earlier attempt logged after the checkpoint this one starts from.
         writer = SummaryWriter(job.log_dir, purge_step=state.step + 1, flush_secs=10)
