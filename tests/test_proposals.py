@@ -17,8 +17,17 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 from dynrefer import proposals, storage, synth
 from dynrefer.datasets import make_region, read_visual_genome
 from dynrefer.imageio import decode_image
-from dynrefer.proposals import (ProposalConfig, Proposer, build_proposer, fit, load_proposal_config, load_proposer,
-                                recall, records_to_targets, train_step)
+from dynrefer.proposals import (
+    ProposalConfig,
+    Proposer,
+    build_proposer,
+    fit,
+    load_proposal_config,
+    load_proposer,
+    recall,
+    records_to_targets,
+    train_step,
+)
 
 #: Steps of the learning test: 160 images at the tiny config's 256 px, about 42 s on two idle cores.
 LEARN_STEPS = 40
