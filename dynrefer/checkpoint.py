@@ -64,5 +64,5 @@ def load_pretrained(uri: str, storage_options: storage.StorageOptions | None = N
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.load_state_dict(state, strict=False)
-    model.refresh_tag_embeddings()
+    model.refresh_text_embeddings()
     return model.to(device).eval()

@@ -82,6 +82,19 @@ class ContrastiveConfig:
 
 
 @dataclass
+class RecognitionConfig:
+    """Open-vocabulary recognition through the contrastive head, as the paper does it: class prompts give each
+    region a category, attribute prompts its attributes. Empty lists turn it off; the training pipeline fills
+    them from the data's categories and attributes."""
+
+    categories: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)
+    category_prompt: str = "the {category}"
+    attribute_prompt: str = "the {attribute} object"
+    attribute_threshold: float = 0.5  # attributes reported per region: probability at least this
+
+
+@dataclass
 class LanguageConfig:
     """A Hugging Face LM (encoder-decoder or decoder-only) from a directory, or built from ``arch``."""
 
@@ -115,6 +128,7 @@ class DynReferConfig:
     tags: TagConfig = field(default_factory=TagConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dynrefer.decoders import ContrastiveHead, TagHead, siglip_loss
 from dynrefer.embedding import MultiViewEmbedding
 from dynrefer.encoder import ImageEncoder
 from dynrefer.language import LanguageHead
+from dynrefer.recognition import Recognition, RecognitionPrompts, prompts
 
 
 @dataclass
@@ -24,6 +25,7 @@ class RegionPrediction:
     caption: str
     tags: list[tuple[str, float]]
     text_scores: dict[str, float] = field(default_factory=dict)
+    recognition: Recognition | None = None  # category and attributes, when the config names any
 
 
 class DynRefer(nn.Module):
@@ -36,16 +38,19 @@ class DynRefer(nn.Module):
         self.tags = TagHead(cfg.tags, text_dim, region_dim)
         self.contrastive = ContrastiveHead(cfg.contrastive, text_dim, region_dim)
         self.language = LanguageHead(cfg.language, region_dim, storage_options)
+        self.recognition = RecognitionPrompts(cfg.recognition, text_dim)
         promote_scalar_parameters(self)
-        self.refresh_tag_embeddings()
+        self.refresh_text_embeddings()
 
-    def refresh_tag_embeddings(self) -> None:
-        """Tag queries are the frozen CLIP text embeddings of the tag names; recompute after encoder weights change."""
-        vocab = self.cfg.tags.vocabulary
-        if not vocab or self.tags.tag_embeddings.is_meta:
-            return
-        chunks = [self.encoder.encode_text(vocab[i: i + 512]) for i in range(0, len(vocab), 512)]
-        self.tags.tag_embeddings.copy_(torch.cat(chunks).to(self.tags.tag_embeddings.dtype))
+    def refresh_text_embeddings(self) -> None:
+        """Tag queries and recognition prompts are frozen CLIP text embeddings; recompute after encoder weights
+        change."""
+        for texts, target in ((self.cfg.tags.vocabulary, self.tags.tag_embeddings),
+                              (prompts(self.cfg.recognition), self.recognition.embeddings)):
+            if not texts or target.is_meta:
+                continue
+            chunks = [self.encoder.encode_text(texts[i: i + 512]) for i in range(0, len(texts), 512)]
+            target.copy_(torch.cat(chunks).to(target.dtype))
 
     def freeze_unused_heads(self) -> None:
         """Freeze the heads whose loss is off, so that optimizers (and DDP) only hold parameters that get gradients."""
@@ -76,7 +81,8 @@ class DynRefer(nn.Module):
     @torch.no_grad()
     def predict(self, views: torch.Tensor, rois: torch.Tensor, texts: list[str] | None = None,
                 caption: bool = True) -> list[RegionPrediction]:
-        """Per region: a caption (tags as control words), tags with scores, and scores for the given texts."""
+        """Per region: a caption (tags as control words), tags with scores, category and attributes (when the
+        config names any), and scores for the given texts."""
         regions = self.embedding(views, rois)
         tags = self.tags.decode(self.tags(regions)) if len(self.cfg.tags.vocabulary) else [[] for _ in regions]
         captions = self.language.generate(regions, [[t for t, _ in r] for r in tags]) if caption \
@@ -85,7 +91,11 @@ class DynRefer(nn.Module):
         if texts:
             probs = torch.sigmoid(self.contrastive(self.encoder.encode_text(texts).to(regions.dtype), regions))
             scores = [dict(zip(texts, row.tolist())) for row in probs.float()]
-        return [RegionPrediction(c, t, s) for c, t, s in zip(captions, tags, scores)]
+        recognized: list[Recognition | None] = [None] * len(regions)
+        if len(self.recognition):
+            prompt_embeddings = self.recognition.embeddings.to(regions.dtype)  # (K, D_text)
+            recognized = self.recognition.decode(self.contrastive(prompt_embeddings, regions))
+        return [RegionPrediction(*fields) for fields in zip(captions, tags, scores, recognized)]
 
 
 def promote_scalar_parameters(module: nn.Module) -> None:

@@ -262,13 +262,25 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_config(job: TrainJob, train_captions: list[str | None]) -> DynReferConfig:
-    """The model config with the data's tag vocabulary (and caption words for a word-level LM) written in."""
+def label_names(column: pa.ChunkedArray) -> list[str]:
+    """The distinct non-empty labels of a category column (strings) or attributes column (lists), sorted."""
+    values = column.to_pylist()
+    flat = (v for value in values for v in (value if isinstance(value, list) else [value]))
+    return sorted({str(v) for v in flat if v})
+
+
+def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
+    """The model config with the data written in: the tag vocabulary, the train captions' words for a word-level
+    LM, and the categories and attributes to recognise (unless the config lists its own)."""
     so = job.storage_options or None
     cfg = DynReferConfig.from_dict(merge(load_config(job.model).to_dict(), job.model_overrides))
     cfg.tags.vocabulary = tag_vocabulary(job.data.prepared, so, job.data.max_tags)
     if job.data.lm_vocabulary == "captions" and not cfg.language.path:
-        cfg.language.vocabulary = caption_words(train_captions)
+        cfg.language.vocabulary = caption_words(train_rows["caption"].to_pylist())
+    if not cfg.recognition.categories:
+        cfg.recognition.categories = label_names(train_rows["category"])
+    if not cfg.recognition.attributes:
+        cfg.recognition.attributes = label_names(train_rows["attributes"])
     w = cfg.loss
     if not (w.caption > 0 or w.contrastive > 0 or (w.tags > 0 and cfg.tags.vocabulary)):
         raise ValueError("every loss is off (loss weights are 0, or tags have an empty vocabulary)")
@@ -392,13 +404,12 @@ def run(job: TrainJob, train_fn: Any = None) -> dict[str, Any]:
     job.validate()
     job = job.absolute()
     so = job.storage_options or None
-    table = region_table(job.data.prepared, so, ["split", "caption"])
+    table = region_table(job.data.prepared, so, ["split", "caption", "category", "attributes"])
     splits = Counter(table["split"].to_pylist())
     if not splits.get(job.data.train_split):
         raise ValueError(f"{job.data.prepared}: no rows of split {job.data.train_split!r} (splits found: "
                          f"{dict(splits)}); prepare the data with its split labels")
-    train_captions = table.filter(pc.equal(table["split"], job.data.train_split))["caption"].to_pylist()
-    cfg = model_config(job, train_captions)
+    cfg = model_config(job, table.filter(pc.equal(table["split"], job.data.train_split)))
     with_val = job.eval.every >= 0 and splits.get(job.data.val_split, 0) > 0
     if job.eval.every >= 0 and not with_val:
         log.warning("no rows of split %r: validation is skipped", job.data.val_split)

@@ -179,3 +179,31 @@ def test_configs_build_and_count_parameters(name, low, high):
     total, trainable = parameter_counts(m)
     assert low < total < high
     assert 0 < trainable < total
+
+
+def test_recognition_matches_scoring_its_prompts_as_texts(tmp_path):
+    """Category and attributes are the contrastive head's scores of the prompts, computed once per model."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.recognition = dataclasses.replace(cfg.recognition, categories=["circle", "square", "star"],
+                                          attributes=["red", "blue"], attribute_threshold=0.0)
+    m = DynRefer(cfg).eval()
+    views, rois = batch(b=3, seed=2)
+    texts = ["the circle", "the square", "the star", "the red object", "the blue object"]
+    preds = m.predict(views, rois, texts=texts)
+    for p in preds:
+        r = p.recognition
+        expected = [p.text_scores[t] for t in texts]
+        assert list(r.category_scores.values()) == pytest.approx(expected[:3], abs=1e-6)
+        assert list(r.attribute_scores.values()) == pytest.approx(expected[3:], abs=1e-6)
+        assert r.category == max(r.category_scores, key=r.category_scores.get)
+        assert r.category_score == r.category_scores[r.category]
+        assert [a for a, _ in r.attributes] == sorted(r.attribute_scores, key=lambda a: -r.attribute_scores[a])
+    m.cfg.recognition.attribute_threshold = 1.01
+    assert all(p.recognition.attributes == [] for p in m.predict(views, rois))
+    save_pretrained(m, str(tmp_path / "export"))
+    assert load_pretrained(str(tmp_path / "export")).predict(views, rois) == m.predict(views, rois)
+    assert all(p.recognition is None for p in DynRefer(tiny_config()).eval().predict(views, rois))
+    cfg.recognition.category_prompt = "a photo"
+    with pytest.raises(ValueError, match="category_prompt must contain"):
+        DynRefer(cfg)
