@@ -113,9 +113,11 @@ def phash_views(ts: Sequence[float], codes: Sequence[int], cfg: ViewConfig) -> l
 
 
 def fixed_views(ts: Sequence[float], cfg: ViewConfig) -> list[int]:
-    """The available view nearest each of ``cfg.fixed_ts`` (one per model view; the first must be t=0)."""
-    if len(cfg.fixed_ts) != cfg.num_views or cfg.fixed_ts[0] != 0.0:
-        raise ValueError(f"views.fixed_ts {cfg.fixed_ts} must hold num_views={cfg.num_views} values, 0.0 first")
+    """The available view nearest each of ``cfg.fixed_ts`` (one per model view). Several views need t=0 first: it
+    is the one the others are aligned to; a single view may be any t (the full-image RoI-Align baseline is t=1)."""
+    if len(cfg.fixed_ts) != cfg.num_views or (cfg.num_views > 1 and cfg.fixed_ts[0] != 0.0):
+        raise ValueError(f"views.fixed_ts {cfg.fixed_ts} must hold num_views={cfg.num_views} values, 0.0 first "
+                         f"when there are several")
     return nearest_indices(ts, cfg.fixed_ts)
 
 

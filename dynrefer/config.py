@@ -34,6 +34,7 @@ class ViewConfig:
     candidate_ts: list[float] = field(default_factory=lambda: list(CANDIDATE_TS))
     selection: str = "phash"  # inference: "phash" (greedy over pHASH codes) or "fixed"
     fixed_ts: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    train_selection: str = "random"  # training: "random" (the method: drawn anew per sighting) or "fixed" (ablations)
 
 
 @dataclass

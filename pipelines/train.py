@@ -369,7 +369,10 @@ def datasets(job: TrainJob, cfg: DynReferConfig, prepared_size: int | None, with
     so = job.storage_options or None
     fs, _ = arrow_filesystem(job.data.prepared[0], so)
     paths = [arrow_filesystem(storage.join(p, "regions"), so)[1] for p in job.data.prepared]
-    stage = StageSettings(views=dataclasses.asdict(cfg.views), size=cfg.image_size, mode="train", seed=job.seed,
+    if cfg.views.train_selection not in ("random", "fixed"):
+        raise ValueError(f"views.train_selection must be 'random' or 'fixed', got {cfg.views.train_selection!r}")
+    mode = "train" if cfg.views.train_selection == "random" else "fixed"
+    stage = StageSettings(views=dataclasses.asdict(cfg.views), size=cfg.image_size, mode=mode, seed=job.seed,
                           prepared_size=prepared_size, storage_options=job.storage_options or None)
     d = job.data
 

@@ -96,7 +96,9 @@ def test_fixed_mode_takes_the_nearest_available_t():
     cfg = dataclasses.replace(VIEWS, fixed_ts=[0.0, 0.4, 0.9])
     assert choose_views({"ts": ts}, cfg, "fixed") == [0, 2, 3]
     with pytest.raises(ValueError, match="fixed_ts"):
-        choose_views({"ts": ts}, dataclasses.replace(VIEWS, fixed_ts=[0.5, 1.0]), "fixed")
+        choose_views({"ts": ts}, dataclasses.replace(VIEWS, num_views=2, fixed_ts=[0.5, 1.0]), "fixed")
+    # one view may be any t: the full-image RoI-Align baseline of the ablation is the single view t=1
+    assert choose_views({"ts": ts}, dataclasses.replace(VIEWS, num_views=1, fixed_ts=[1.0]), "fixed") == [3]
     assert candidate_indices(ts, [0.3, 0.2, 0.9, 1.0]) == [1, 3]
 
 

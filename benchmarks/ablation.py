@@ -1,0 +1,188 @@
+"""The paper's ablation on the synthetic corpus: which views, and whether multi-task training helps.
+
+Each variant of ``configs/ablation/*.yaml`` trains ``tiny`` with the training pipeline (Ray Train + DeepSpeed on
+the local Ray cluster) and captions the same held-out regions with its own inference-time views; the table gives
+METEOR and CIDEr (pycocoevalcap, the split scored whole) and category accuracy (the contrastive head's class prompts).
+Finished runs are reused (their export exists), so an interrupted ablation resumes where it stopped.
+
+    python benchmarks/ablation.py --config configs/ablation/tiny.yaml   # needs demo/prepared (`make demo`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dynrefer import metrics, storage  # noqa: E402
+from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E402
+from dynrefer.config import _build  # noqa: E402
+from pipelines.args import setup_logging  # noqa: E402
+from pipelines.train import ROW_COLUMNS, TrainJob, merge, prepared_view_size, region_table  # noqa: E402
+
+log = logging.getLogger("dynrefer.ablation")
+INFERENCE = ("fixed", "random", "phash")
+
+
+@dataclass
+class Variant:
+    name: str
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    inference: str = "phash"  # fixed | random (drawn per region, seeded) | phash
+    trained_as: str | None = None  # reuse another variant's trained model
+
+
+@dataclass
+class Ablation:
+    train_config: str = "configs/train/tiny.yaml"
+    prepared: str = "demo/prepared"
+    storage_path: str = "runs/ablation"
+    max_steps: int = 200
+    split: str = "test"
+    max_regions: int = 600
+    batch_size: int = 32
+    seed: int = 0
+    variants: list[Variant] = field(default_factory=list)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "Ablation":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        variants = [_build(Variant, v, f"{path}: variants[{i}]") for i, v in enumerate(data.pop("variants", []))]
+        out = _build(cls, data, path)
+        out.variants = variants
+        names = {v.name for v in variants}
+        for v in variants:
+            if v.inference not in INFERENCE:
+                raise ValueError(f"{path}: variant {v.name!r}: inference must be one of {INFERENCE}")
+            if v.trained_as is not None and v.trained_as not in names:
+                raise ValueError(f"{path}: variant {v.name!r} is trained_as unknown variant {v.trained_as!r}")
+        return out
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def train_variant(ablation: Ablation, variant: Variant) -> str:
+    """Train (or reuse) the variant's model; returns its export directory."""
+    from pipelines.train import run
+
+    job = TrainJob.from_yaml(ablation.train_config, **{
+        "data.prepared": [ablation.prepared], "storage_path": ablation.storage_path, "name": slug(variant.name),
+        "max_steps": ablation.max_steps, "seed": ablation.seed, "eval.every": -1})
+    job.model_overrides = merge(job.model_overrides, variant.model_overrides)
+    if storage.exists(storage.join(job.absolute().export_uri, "config.json")):
+        log.info("[%s] trained already: %s", variant.name, job.absolute().export_uri)
+    else:
+        log.info("[%s] training %d steps", variant.name, job.max_steps)
+        run(job)
+    return job.absolute().export_uri
+
+
+def held_out_rows(ablation: Ablation) -> list[dict[str, Any]]:
+    """The first ``max_regions`` regions of the split (by region id), the same for every variant."""
+    table = region_table([ablation.prepared], None, ROW_COLUMNS + ["split", "category"])
+    rows = [r for r in table.to_pylist() if r["split"] == ablation.split]
+    rows.sort(key=lambda r: (len(r["region_id"]), r["region_id"]))
+    if not rows:
+        raise ValueError(f"{ablation.prepared}: no regions of split {ablation.split!r}")
+    return rows[: ablation.max_regions]
+
+
+def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], ablation: Ablation,
+                  meteor: metrics.MeteorScorer) -> dict[str, Any]:
+    """Caption the held-out rows with the variant's inference views and score them."""
+    import torch
+
+    from dynrefer.checkpoint import load_pretrained
+
+    model = load_pretrained(export)
+    cfg = model.cfg
+    mode = "train" if variant.inference == "random" else variant.inference  # "train" draws at random
+    prepared_size = prepared_view_size([ablation.prepared], None)
+    images = load_images(r["file"] for r in rows)
+    captions: dict[str, str] = {}
+    correct = recognised = 0
+    start = time.perf_counter()
+    for i in range(0, len(rows), ablation.batch_size):
+        chunk = rows[i: i + ablation.batch_size]
+        rngs = [region_rng(ablation.seed, 0, r["region_id"]) for r in chunk] if mode == "train" else None
+        inputs = build_inputs(chunk, images, cfg.views, cfg.image_size, mode, rngs, prepared_size)
+        preds = model.predict(torch.from_numpy(inputs.views), torch.from_numpy(inputs.rois))
+        for row, pred in zip(chunk, preds):
+            captions[row["region_id"]] = pred.caption
+            if pred.recognition is not None and row.get("category"):
+                recognised += 1
+                correct += pred.recognition.category == row["category"]
+    seconds = time.perf_counter() - start
+    references = {r["region_id"]: list(r["captions"] or [r["caption"]]) for r in rows}
+    scores = metrics.caption_scores(captions, references, meteor)
+    example = rows[0]["region_id"]
+    return {"variant": variant.name, "views": cfg.views.num_views, "inference": variant.inference,
+            "meteor": 100 * scores["meteor"], "cider": 100 * scores["cider"],
+            "category_accuracy": 100 * correct / recognised if recognised else None,
+            "regions": scores["regions"], "regions_per_second": len(rows) / seconds,
+            "example": {"region_id": example, "prediction": captions[example], "reference": references[example][0]}}
+
+
+def markdown(results: list[dict[str, Any]], ablation: Ablation) -> str:
+    lines = [f"Tiny, {ablation.max_steps} steps per variant, {results[0]['regions']} held-out regions "
+             f"({ablation.split} split).", "",
+             "| variant | views | inference views | METEOR | CIDEr | category acc. |", "|---|---|---|---|---|---|"]
+    for r in results:
+        acc = "-" if r["category_accuracy"] is None else f"{r['category_accuracy']:.1f}"
+        lines.append(f"| {r['variant']} | {r['views']} | {r['inference']} | {r['meteor']:.1f} | {r['cider']:.1f} "
+                     f"| {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/ablation/tiny.yaml")
+    p.add_argument("--max-steps", type=int, help="override the steps per variant")
+    p.add_argument("--only", action="append", help="run only these variants (repeatable)")
+    args = p.parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".cache/torch_extensions"))
+    ablation = Ablation.from_yaml(args.config)
+    if args.max_steps:
+        ablation = dataclasses.replace(ablation, max_steps=args.max_steps)
+    variants = {v.name: v for v in ablation.variants}
+    chosen = [v for v in ablation.variants if not args.only or v.name in args.only]
+
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = held_out_rows(ablation)
+    results = []
+    with metrics.MeteorScorer() as meteor:
+        for variant in chosen:
+            export = train_variant(ablation, variants[variant.trained_as] if variant.trained_as else variant)
+            results.append(score_variant(export, variant, rows, ablation, meteor))
+            log.info("[%s] METEOR %.1f CIDEr %.1f", variant.name, results[-1]["meteor"], results[-1]["cider"])
+    ray.shutdown()
+    table = markdown(results, ablation)
+    storage.write_json(storage.join(ablation.storage_path, "ablation.json"), {"config": args.config,
+                                                                             "results": results})
+    storage.write_bytes(storage.join(ablation.storage_path, "ablation.md"), table.encode())
+    print(table)
+    print(json.dumps([r["example"] | {"variant": r["variant"]} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
