@@ -121,7 +121,7 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
         chunk = rows[i: i + ablation.batch_size]
         rngs = [region_rng(ablation.seed, 0, r["region_id"]) for r in chunk] if mode == "train" else None
         inputs = build_inputs(chunk, images, cfg.views, cfg.image_size, mode, rngs, prepared_size)
-        preds = model.predict(torch.from_numpy(inputs.views), torch.from_numpy(inputs.rois))
+        preds = model.predict(*(torch.from_numpy(a) for a in (inputs.views, inputs.view_index, inputs.rois)))
         for row, pred in zip(chunk, preds):
             captions[row["region_id"]] = pred.caption
             if pred.recognition is not None and row.get("category"):

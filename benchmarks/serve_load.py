@@ -7,7 +7,13 @@ the replicas the autoscaler asked for and those running (model and preprocessing
 4 s downscale delays); after each mode it waits for them to scale back to one. Every request must succeed; the exit
 code is 1 otherwise.
 
-    .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off]
+With --kill-replica it runs one other scenario instead: two model replicas, the largest --levels client count for
+--seconds, and one model replica SIGKILLed a third of the way in; it prints failed/total requests, the slowest
+request and how long Serve took to run a replacement. The exit code is 1 if no replacement ran within 120 s, a
+request hung (no answer within its 120 s client timeout) or more requests failed than there are clients (only
+those under way on the killed replica may).
+
+    .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off] [--kill-replica]
 """
 
 import argparse
@@ -15,6 +21,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -58,7 +65,7 @@ def request_body(boxes: int) -> bytes:
     return json.dumps({"image": base64.b64encode(out.getvalue()).decode(), "boxes": regions}).encode()
 
 
-def app_args(model: str, batching: bool) -> dict:
+def app_args(model: str, batching: bool, min_predictors: int = 1) -> dict:
     """Small deployments that fit 2 logical CPUs at their maximum: 0.1 + 2 x 0.4 + 2 x 0.5."""
     scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0,
                "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
@@ -69,7 +76,7 @@ def app_args(model: str, batching: bool) -> dict:
             "preprocess": {"num_cpus": 0.4, "max_ongoing_requests": 8,
                            "autoscaling": {**scaling, "target_ongoing_requests": 4}},
             "predictor": {"num_cpus": 0.5, "max_ongoing_requests": 16,
-                          "autoscaling": {**scaling, "target_ongoing_requests": 4}}}
+                          "autoscaling": {**scaling, "target_ongoing_requests": 4, "min_replicas": min_predictors}}}
 
 
 class ReplicaPoller:
@@ -118,7 +125,7 @@ class ReplicaPoller:
         self.thread.join()
 
 
-def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float, dict]:
+def post(url: str, body: bytes, timeout: float = 120.0) -> tuple[int, float, dict]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
     start = time.perf_counter()
     try:
@@ -129,6 +136,9 @@ def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, float, dict]
     except (urllib.error.URLError, TimeoutError, ConnectionError):
         status, payload = 0, {}
     return status, time.perf_counter() - start, payload
+
+
+TIMEOUT_S = 120.0  # each request's client timeout
 
 
 def load_level(url: str, body: bytes, clients: int, seconds: float, max_requests: int) -> dict:
@@ -144,7 +154,7 @@ def load_level(url: str, body: bytes, clients: int, seconds: float, max_requests
                 if issued[0] >= max_requests or time.perf_counter() > deadline:
                     return
                 issued[0] += 1
-            status, seconds, payload = post(url, body)
+            status, seconds, payload = post(url, body, TIMEOUT_S)
             with lock:
                 results.append((status, seconds, payload.get("batch", {}).get("requests", 0)))
 
@@ -157,7 +167,9 @@ def load_level(url: str, body: bytes, clients: int, seconds: float, max_requests
     shared = [b for st, _, b in results if st == 200]
     pct = (lambda q: 1000 * ok[min(len(ok) - 1, int(q * len(ok)))]) if ok else (lambda q: float("nan"))
     return {"clients": clients, "requests": len(results), "failed": sum(st != 200 for st, _, _ in results),
-            "throughput": len(ok) / wall, "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
+            "hung": sum(s >= TIMEOUT_S - 1 for _, s, _ in results),  # no answer before the client gave up
+            "slowest_s": max((s for _, s, _ in results), default=float("nan")), "throughput": len(ok) / wall,
+            "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
             "p99_ms": pct(0.99), "mean_shared": statistics.mean(shared) if shared else float("nan")}
 
 
@@ -170,6 +182,27 @@ def wait_for_scale_down(poller: ReplicaPoller, deployment: str, replicas: int, t
     return None
 
 
+def kill_replica(url: str, body: bytes, clients: int, seconds: float, poller: ReplicaPoller) -> dict:
+    """The load of :func:`load_level` with one of the model replicas SIGKILLed a third of the way in."""
+    from pipelines.serve import replica_processes
+
+    before = replica_processes(APP, "Predictor")
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(load_level, url, body, clients, seconds, 10 ** 9)
+        time.sleep(seconds / 3)
+        victim = min(before)
+        os.kill(before[victim], signal.SIGKILL)
+        killed, replaced_s = time.perf_counter(), None
+        while time.perf_counter() - killed < 120:
+            now = replica_processes(APP, "Predictor")
+            if len(now) == len(before) and victim not in now and poller.latest.get("Predictor") == len(before):
+                replaced_s = time.perf_counter() - killed
+                break
+            time.sleep(0.25)
+        row = load.result()
+    return {**row, "replicas_before": len(before), "replaced_after_s": replaced_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="load time per level")
@@ -178,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="on,off", help="@serve.batch on/off, in this order")
     p.add_argument("--boxes", type=int, default=2, help="boxes per request")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
+    p.add_argument("--kill-replica", action="store_true", help="instead: kill one of two model replicas under load")
     args = p.parse_args(argv)
 
     import ray
@@ -200,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 150})
             poller = ReplicaPoller()
+            if args.kill_replica:
+                serve.run(app_builder(app_args(model, True, min_predictors=2)), name=APP, route_prefix="/")
+                for _ in range(5):
+                    post(url, body)
+                row = kill_replica(url, body, max(levels), args.seconds, poller)
+                print(json.dumps(row), flush=True)
+                replaced = row["replaced_after_s"]
+                print(f"\nkill one of {row['replicas_before']} model replicas under {row['clients']} clients: failed "
+                      f"{row['failed']}/{row['requests']}, hung {row['hung']}, slowest {row['slowest_s']:.1f} s, "
+                      f"replacement running after "
+                      + (f"{replaced:.1f} s" if replaced is not None else "- (none within 120 s)"))
+                return int(replaced is None or row["hung"] > 0 or row["failed"] > row["clients"])
             for batching in [m.strip() == "on" for m in args.modes.split(",")]:
                 mode = "batch on" if batching else "batch off"
                 serve.run(app_builder(app_args(model, batching)), name=APP, route_prefix="/")

@@ -5,6 +5,10 @@ RoIs. A prepared row (see ``pipelines/prepare.py``) carries ``ts`` (t=0 first, t
 ``view_boxes`` and ``phash`` per t, the clipped region ``box``, ``file``, ``caption`` and ``tags``. View boxes
 and RoIs always come from :mod:`dynrefer.views`; nothing here re-derives view geometry.
 
+A view several regions of one image use (the same box: always the t=1 view) is cut once and encoded once:
+:class:`ModelInputs` holds each distinct view once and indexes it per region. This is exact; it never
+changes which views a region gets.
+
 View choice per region (indices into the row's ``ts``, t=0 first, the rest sorted by t):
 
 * ``train``: t=0 plus ``n - 1`` candidates drawn without replacement, afresh each time the region is seen;
@@ -25,16 +29,20 @@ from dynrefer import storage
 from dynrefer.config import ViewConfig
 from dynrefer.imageio import decode_image
 from dynrefer.phash import select_views
-from dynrefer.views import crop_views, region_in_views
+from dynrefer.views import crop_unique_views, region_in_views
 
 MODES = ("train", "phash", "fixed")
 
 
 @dataclass
 class ModelInputs:
-    """A collated batch: what :meth:`dynrefer.model.DynRefer.forward` and ``predict`` take, plus bookkeeping."""
+    """A collated batch: what :meth:`dynrefer.model.DynRefer.forward` and ``predict`` take, plus bookkeeping.
 
-    views: np.ndarray  # (B, V, S, S, 3) uint8
+    A view several regions use (same pixels: the t=1 view of one image, say) is held, and encoded, once.
+    """
+
+    views: np.ndarray  # (N, S, S, 3) uint8, each distinct view once
+    view_index: np.ndarray  # (B, V) int64, the row of ``views`` each region's view is
     rois: np.ndarray  # (B, V, 4) float32, the region in each view's S x S frame
     ts: np.ndarray  # (B, V) float32, the t of each chosen view
     captions: list[str]
@@ -44,21 +52,65 @@ class ModelInputs:
     def __len__(self) -> int:
         return len(self.region_ids)
 
+    def region_views(self) -> np.ndarray:
+        """Each region's own views.  # (B, V, S, S, 3) uint8"""
+        return self.views[self.view_index]
+
     def to_columns(self) -> dict[str, np.ndarray]:
-        """Column form for a Ray Data batch (one entry per region)."""
+        """Column form for a Ray Data batch (one entry per region, so each carries its views' pixels)."""
         tags = np.empty(len(self), dtype=object)
         tags[:] = [list(t) for t in self.tags]
-        return {"views": self.views, "rois": self.rois, "ts": self.ts,
+        return {"views": self.region_views(), "rois": self.rois, "ts": self.ts,
                 "caption": np.array(self.captions, dtype=object), "tags": tags,
                 "region_id": np.array(self.region_ids, dtype=object)}
 
     @classmethod
     def from_columns(cls, batch: Mapping[str, Any]) -> "ModelInputs":
-        """Inverse of :meth:`to_columns`, for a batch as Ray Data's ``iter_batches`` returns it."""
-        return cls(views=np.asarray(batch["views"], dtype=np.uint8), rois=np.asarray(batch["rois"], dtype=np.float32),
+        """Inverse of :meth:`to_columns`, for a batch as Ray Data's ``iter_batches`` returns it; views that are
+        the same pixels are shared again."""
+        views, view_index = share_views(np.asarray(batch["views"], dtype=np.uint8))
+        return cls(views=views, view_index=view_index, rois=np.asarray(batch["rois"], dtype=np.float32),
                    ts=np.asarray(batch["ts"], dtype=np.float32), captions=[str(c) for c in batch["caption"]],
                    tags=[[str(t) for t in tags] for tags in batch["tags"]],
                    region_ids=[str(r) for r in batch["region_id"]])
+
+
+def share_views(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region views (B, V, S, S, 3) as each distinct one once (N, S, S, 3) plus the index (B, V) into them.
+
+    Distinct means distinct pixels, so encoding the shared views gives every region exactly the features its own
+    views would. Views are bucketed by a sample of about 4096 of their bytes and confirmed equal in full, which
+    costs microseconds per view. First occurrences keep their order.
+    """
+    views = np.asarray(views, dtype=np.uint8)
+    flat = views.reshape(-1, *views.shape[-3:])  # (B*V, S, S, 3)
+    stride = max(1, flat[0].size // 4096) if len(flat) else 1
+    first: dict[bytes, list[int]] = {}
+    index = np.empty(len(flat), dtype=np.int64)
+    kept: list[int] = []
+    for i, view in enumerate(flat):
+        same = first.setdefault(view.reshape(-1)[::stride].tobytes(), [])
+        match = next((j for j in same if np.array_equal(flat[kept[j]], view)), None)
+        if match is None:
+            match = len(kept)
+            same.append(match)
+            kept.append(i)
+        index[i] = match
+    return flat[kept], index.reshape(views.shape[:-3])
+
+
+def concat_views(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Join several batches' (views (N_i, S, S, 3), view_index (B_i, V)) into one, offsetting each index."""
+    offsets = np.cumsum([0] + [len(v) for v, _ in parts[:-1]])
+    return (np.concatenate([v for v, _ in parts]),
+            np.concatenate([index + offset for (_, index), offset in zip(parts, offsets)]))
+
+
+def take_regions(views: np.ndarray, view_index: np.ndarray, regions: slice | np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The views (N', S, S, 3) that ``view_index[regions]`` uses, and that index (B', V) renumbered into them."""
+    used, index = np.unique(view_index[regions], return_inverse=True)
+    return views[used], index.reshape(view_index[regions].shape)
 
 
 def region_rng(seed: int, sighting: int, region_id: str) -> np.random.Generator:
@@ -149,14 +201,14 @@ def load_images(files: Iterable[str], storage_options: storage.StorageOptions | 
     return images
 
 
-def region_inputs(row: Mapping[str, Any], image: Image.Image, indices: Sequence[int], size: int,
-                  prepared_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen views' pixels (V, S, S, 3) uint8 and the region's RoI in each (V, 4) float32.
+def region_boxes(row: Mapping[str, Any], image_size: tuple[int, int], indices: Sequence[int], size: int,
+                 prepared_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen views' boxes in the image (V, 4) int64 and the region's RoI in each (V, 4) float32.
 
     Stored RoIs are used when the rows were prepared at ``size`` (``prepared_size``); otherwise they are
     recomputed for ``size`` with :func:`dynrefer.views.region_in_views`.
     """
-    width, height = image.size
+    width, height = image_size
     if (row.get("width"), row.get("height")) not in ((width, height), (None, None)):
         raise ValueError(f"{row.get('file')}: decoded image is {width}x{height}, the prepared rows say "
                          f"{row.get('width')}x{row.get('height')}; prepare the data again")
@@ -165,24 +217,38 @@ def region_inputs(row: Mapping[str, Any], image: Image.Image, indices: Sequence[
         rois = np.asarray(row["rois"], dtype=np.float64).reshape(-1, 4)[list(indices)]
     else:
         rois = region_in_views(np.asarray(row["box"], dtype=np.float64), boxes, size)
-    return crop_views(image, boxes, size), rois.astype(np.float32)
+    return boxes, rois.astype(np.float32)
 
 
 def build_inputs(rows: Sequence[Mapping[str, Any]], images: Mapping[str, Image.Image], cfg: ViewConfig, size: int,
                  mode: str, rngs: Sequence[np.random.Generator] | None = None,
                  prepared_size: int | None = None) -> ModelInputs:
-    """Choose, crop and collate the views of every row; ``rngs`` holds one generator per row in ``train`` mode."""
+    """Choose, crop and collate the views of every row; ``rngs`` holds one generator per row in ``train`` mode.
+
+    Each image's views are cut once per distinct box, however many regions choose that box.
+    """
     if mode == "train" and (rngs is None or len(rngs) != len(rows)):
         raise ValueError("training batches need one numpy Generator per row")
     b, v = len(rows), cfg.num_views
-    views = np.empty((b, v, size, size, 3), dtype=np.uint8)
+    boxes = np.empty((b, v, 4), dtype=np.int64)
     rois = np.empty((b, v, 4), dtype=np.float32)
     ts = np.empty((b, v), dtype=np.float32)
     for i, row in enumerate(rows):
         indices = choose_views(row, cfg, mode, rngs[i] if rngs is not None else None)
-        views[i], rois[i] = region_inputs(row, images[row["file"]], indices, size, prepared_size)
+        boxes[i], rois[i] = region_boxes(row, images[row["file"]].size, indices, size, prepared_size)
         ts[i] = np.asarray(row["ts"], dtype=np.float32)[indices]
-    return ModelInputs(views=views, rois=rois, ts=ts, captions=[str(r.get("caption") or "") for r in rows],
+    by_file: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_file.setdefault(row["file"], []).append(i)
+    parts = [np.empty((0, size, size, 3), dtype=np.uint8)]
+    view_index = np.empty((b, v), dtype=np.int64)
+    for file, of_file in by_file.items():
+        views, index = crop_unique_views(images[file], boxes[of_file], size)  # (N_f, S, S, 3), (B_f*V,)
+        view_index[of_file] = index.reshape(len(of_file), v) + sum(len(p) for p in parts)
+        parts.append(views)
+    views = np.concatenate(parts)
+    return ModelInputs(views=views, view_index=view_index, rois=rois, ts=ts,
+                       captions=[str(r.get("caption") or "") for r in rows],
                        tags=[[str(t) for t in (r.get("tags") if r.get("tags") is not None else [])] for r in rows],
                        region_ids=[str(r.get("region_id")) for r in rows])
 

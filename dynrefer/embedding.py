@@ -12,13 +12,16 @@ from dynrefer.encoder import ImageEncoder, ViewFeatures
 from dynrefer.qformer import QFormer
 
 
-def roi_tokens(features: ViewFeatures, rois: torch.Tensor) -> torch.Tensor:
-    """RoI-Align each view's patch grid at its RoI (in view pixels), keeping the grid size; CLS goes first.
+def roi_tokens(features: ViewFeatures, rois: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """RoI-Align each RoI (in view pixels) on the patch grid of view ``index`` (default: RoI i on view i), keeping
+    the grid size.
 
-    features.grid: (N, C, g, g), rois: (N, 4) -> tokens (N, 1 + g*g, C) and the RoI grid (N, C, g, g).
+    features.grid: (N, C, g, g), rois: (M, 4), index: (M,) into the N views -> the RoI grids (M, C, g, g).
     """
     n, c, g, _ = features.grid.shape
-    boxes = torch.cat([torch.arange(n, device=rois.device, dtype=rois.dtype)[:, None], rois], dim=1)  # (N, 5)
+    if index is None:
+        index = torch.arange(n, device=rois.device)
+    boxes = torch.cat([index.to(rois.dtype)[:, None], rois], dim=1)  # (M, 5)
     return roi_align(features.grid, boxes.to(features.grid.dtype), output_size=(g, g),
                      spatial_scale=1.0 / features.patch_size, sampling_ratio=2, aligned=True)
 
@@ -45,19 +48,21 @@ class MultiViewEmbedding(nn.Module):
         self.fusion = ViewFusion(dim, cfg.views.num_views)
         self.qformer = QFormer(cfg.qformer, dim, storage_options)
 
-    def region_tokens(self, views: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """views: (B, V, S, S, 3) uint8, rois: (B, V, 4) -> aligned per-view tokens (B, V, 1 + g*g, C)."""
-        b, v = views.shape[:2]
-        features = self.encoder(views.flatten(0, 1))
-        grid = roi_tokens(features, rois.flatten(0, 1).float())  # (B*V, C, g, g)
+    def region_tokens(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """views: (N, S, S, 3) uint8, each distinct view once; view_index: (B, V) into them; rois: (B, V, 4)
+        -> aligned per-view tokens (B, V, 1 + g*g, C). A view shared by several regions is encoded once."""
+        b, v = view_index.shape
+        index = view_index.flatten()  # (B*V,)
+        features = self.encoder(views)  # grid (N, C, g, g), cls (N, C)
+        grid = roi_tokens(features, rois.flatten(0, 1).float(), index)  # (B*V, C, g, g)
         grid = grid.unflatten(0, (b, v))  # (B, V, C, g, g)
         if self.alignment is not None and v > 1:
             reference = grid[:, :1].expand(-1, v - 1, -1, -1, -1).flatten(0, 1)
             moved = self.alignment(grid[:, 1:].flatten(0, 1), reference).unflatten(0, (b, v - 1))
             grid = torch.cat([grid[:, :1], moved], dim=1)
-        cls = features.cls.unflatten(0, (b, v)).unsqueeze(2)  # (B, V, 1, C)
+        cls = features.cls[index].unflatten(0, (b, v)).unsqueeze(2)  # (B, V, 1, C)
         return torch.cat([cls, grid.flatten(3).transpose(2, 3)], dim=2)  # (B, V, 1 + g*g, C)
 
-    def forward(self, views: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """-> region representation (B, Q, H)."""
-        return self.qformer(self.fusion(self.region_tokens(views, rois)))
+        return self.qformer(self.fusion(self.region_tokens(views, view_index, rois)))

@@ -60,11 +60,12 @@ class DynRefer(nn.Module):
             if not used:
                 head.requires_grad_(False)
 
-    def forward(self, views: torch.Tensor, rois: torch.Tensor, captions: list[str],
+    def forward(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor, captions: list[str],
                 tags: list[list[str]]) -> dict[str, torch.Tensor]:
-        """views: (B, V, S, S, 3) uint8, rois: (B, V, 4); returns each enabled loss and their weighted sum."""
+        """views: (N, S, S, 3) uint8, view_index: (B, V) into views, rois: (B, V, 4) (as in
+        :class:`dynrefer.batching.ModelInputs`); returns each enabled loss and their weighted sum."""
         w = self.cfg.loss
-        regions = self.embedding(views, rois)  # (B, Q, H)
+        regions = self.embedding(views, view_index, rois)  # (B, Q, H)
         losses: dict[str, torch.Tensor] = {}
         if w.tags > 0 and len(self.cfg.tags.vocabulary):
             losses["tags"] = self.tags.loss(self.tags(regions), tags)
@@ -79,11 +80,11 @@ class DynRefer(nn.Module):
         return losses
 
     @torch.no_grad()
-    def predict(self, views: torch.Tensor, rois: torch.Tensor, texts: list[str] | None = None,
-                caption: bool = True) -> list[RegionPrediction]:
-        """Per region: a caption (tags as control words), tags with scores, category and attributes (when the
-        config names any), and scores for the given texts."""
-        regions = self.embedding(views, rois)
+    def predict(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor,
+                texts: list[str] | None = None, caption: bool = True) -> list[RegionPrediction]:
+        """Per region (inputs as for ``forward``): a caption (tags as control words), tags with scores, category
+        and attributes (when the config names any), and scores for the given texts."""
+        regions = self.embedding(views, view_index, rois)  # (B, Q, H)
         tags = self.tags.decode(self.tags(regions)) if len(self.cfg.tags.vocabulary) else [[] for _ in regions]
         captions = self.language.generate(regions, [[t for t, _ in r] for r in tags]) if caption \
             else ["" for _ in regions]

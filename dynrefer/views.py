@@ -75,10 +75,11 @@ def roi_to_image(rois: np.ndarray, views: np.ndarray, size: int) -> np.ndarray:
 REDUCING_GAP = 2.0
 
 
-def crop_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Cut each box from one decoded RGB image, resized (bicubic) to ``size``.  # (N, size, size, 3) uint8
+def crop_unique_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each distinct box from one decoded RGB image once, resized (bicubic) to ``size``.
 
-    Identical boxes (the t=1 view is shared by every region of an image) are resized once.
+    Returns the views (N, size, size, 3) uint8 and, per box, the row of its view (T,) int64: identical boxes
+    (the t=1 view is shared by every region of an image) are resized once.
     """
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     if img.mode != "RGB":
@@ -89,7 +90,13 @@ def crop_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) ->
     for i, box in enumerate(unique.tolist()):
         views[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=tuple(box),
                                          reducing_gap=REDUCING_GAP))
-    return views[index.reshape(-1)]
+    return views, index.reshape(-1).astype(np.int64)
+
+
+def crop_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Cut each box from one decoded RGB image, resized (bicubic) to ``size``.  # (T, size, size, 3) uint8"""
+    views, index = crop_unique_views(image, boxes, size)
+    return views[index]
 
 
 def region_views(

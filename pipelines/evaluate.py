@@ -6,6 +6,8 @@ Predictions (Parquet file or directory, or JSON Lines; local or s3://), one row 
 ``image_id``, ``region_id``, ``caption``; optionally ``score`` (dense ranking; 1.0 when absent), ``box``
 (``[x1, y1, x2, y2]``; dense falls back to the region's own box), ``attribute_scores`` and ``category_scores``
 (name -> score, as a JSON object, a Parquet struct or a Parquet map). References are ``<prepared>/regions/*.parquet``.
+Rows with a non-empty ``error`` (as ``dynrefer caption`` writes for unreadable images and bad boxes) are no
+predictions: they are counted in ``error_rows`` and their regions count as missing.
 
 Every reference region is scored. One without a prediction row is counted in ``missing_predictions`` and scored as
 the worst answer: an empty caption, the lowest attribute and class scores (for dense captioning it is a box never
@@ -56,7 +58,12 @@ def _read_parquet(uri: str, so: storage.StorageOptions | None, columns: Iterable
 
 
 def read_predictions(uri: str, so: storage.StorageOptions | None = None) -> list[dict[str, Any]]:
-    """Prediction rows from Parquet (a file or a directory of them) or JSON Lines (``.jsonl``)."""
+    """Prediction rows from Parquet or JSON Lines (``.jsonl``): a file, or a directory of either."""
+    fs, path = storage.filesystem(uri, so)
+    if not uri.endswith(".jsonl") and fs.isdir(path):
+        lines = [n for n in storage.listdir(uri, so) if n.endswith(".jsonl")]
+        if lines and not any(n.endswith(".parquet") for n in storage.listdir(uri, so)):
+            return [row for n in lines for row in read_predictions(storage.join(uri, n), so)]
     if uri.endswith(".jsonl"):
         rows = []
         for n, line in enumerate(storage.read_bytes(uri, so).decode().splitlines(), 1):
@@ -187,6 +194,8 @@ def evaluate(predictions: list[dict[str, Any]], references: list[dict[str, Any]]
     ref_keys = {_key(r) for r in references}
     if None in ref_keys or len(ref_keys) != len(references):
         raise ValueError("references: every region needs an image_id and a region_id, unique together")
+    error_rows = sum(1 for row in predictions if row.get("error"))
+    predictions = [row for row in predictions if not row.get("error")]
     if any(row.get("image_id") is None for row in predictions):
         raise ValueError("predictions: every row needs an image_id")
     preds: dict[Key, dict[str, Any]] = {}
@@ -200,11 +209,11 @@ def evaluate(predictions: list[dict[str, Any]], references: list[dict[str, Any]]
         raise ValueError(f"predictions: {duplicates} rows repeat an (image_id, region_id) already given")
     missing = sorted(k for k in ref_keys if k not in preds)
     result: dict[str, Any] = {"inputs": {
-        "reference_regions": len(references), "prediction_rows": len(predictions),
+        "reference_regions": len(references), "prediction_rows": len(predictions), "error_rows": error_rows,
         "missing_predictions": len(missing), "missing_examples": [list(k) for k in missing[:5]],
         "unmatched_predictions": sum(k not in ref_keys for k in preds) + sum(_key(r) is None for r in predictions),
     }}
-    if missing:
+    if missing and tasks != ["dense"]:  # dense captioning matches by box, not by region id
         log.warning("%d of %d reference regions have no prediction (scored as the worst answer), e.g. %s",
                     len(missing), len(references), missing[:3])
     with contextlib.ExitStack() as stack:

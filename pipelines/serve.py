@@ -335,12 +335,13 @@ class Prepared:
     texts: list[str] = field(default_factory=list)
     view_ts: list[list[float]] = field(default_factory=list)
     view_boxes: list[list[list[int]]] = field(default_factory=list)
-    views: np.ndarray | None = None  # (R, V, S, S, 3) uint8
+    views: np.ndarray | None = None  # (N, S, S, 3) uint8, each distinct view once
+    view_index: np.ndarray | None = None  # (R, V) int64 into views
     rois: np.ndarray | None = None  # (R, V, 4) float32
     failure: dict[str, Any] | None = None  # {"status", "error", "message", ...}
 
     def without_pixels(self) -> "Prepared":
-        return dataclasses.replace(self, views=None, rois=None)
+        return dataclasses.replace(self, views=None, view_index=None, rois=None)
 
 
 def failure(err: RequestError) -> Prepared:
@@ -354,9 +355,10 @@ def image_status(reason: str) -> int:
 
 def proposal_boxes(proposed: Sequence[tuple[Sequence[float], float]], min_score: float, max_regions: int
                    ) -> tuple[list[list[float]], list[float]]:
-    """The best ``max_regions`` proposals scoring at least ``min_score``, best first."""
-    kept = sorted(((float(s), [float(v) for v in b]) for b, s in proposed if float(s) >= min_score),
-                  key=lambda p: -p[0])[:max_regions]
+    """The best ``max_regions`` proposals scoring at least ``min_score``, best first; boxes without area (a
+    detector, untrained above all, proposes some) are dropped, as the client did not send them."""
+    kept = sorted(((float(s), [float(v) for v in b]) for b, s in proposed
+                   if float(s) >= min_score and b[2] > b[0] and b[3] > b[1]), key=lambda p: -p[0])[:max_regions]
     return [b for _, b in kept], [s for s, _ in kept]
 
 
@@ -408,7 +410,7 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     out.boxes = [r["box"] for r in rows]
     out.view_ts = inputs.ts.astype(float).round(6).tolist()
     out.view_boxes = [np.asarray(r["view_boxes"])[idx].astype(int).tolist() for r, idx in zip(rows, chosen)]
-    out.views, out.rois = inputs.views, inputs.rois
+    out.views, out.view_index, out.rois = inputs.views, inputs.view_index, inputs.rois
     return out
 
 
@@ -423,23 +425,25 @@ def predict_items(model: Any, items: Sequence[Prepared], max_regions: int) -> li
     """
     import torch
 
-    from dynrefer.model import RegionPrediction
+    from dynrefer.batching import concat_views, take_regions
 
     live = [it for it in items if it.failure is None and it.boxes]
     if not live:
         return [[] for _ in items]
     texts = list(dict.fromkeys(t for it in live for t in it.texts))
-    views = np.concatenate([it.views for it in live])
+    views, view_index = concat_views([(it.views, it.view_index) for it in live])
     rois = np.concatenate([it.rois for it in live])
     device = next(model.parameters()).device
     preds = []
-    for start in range(0, len(views), max_regions):
-        preds += model.predict(torch.from_numpy(views[start: start + max_regions]).to(device),
-                               torch.from_numpy(rois[start: start + max_regions]).to(device), texts=texts or None)
+    for start in range(0, len(rois), max_regions):
+        chunk = slice(start, start + max_regions)
+        chunk_views, chunk_index = take_regions(views, view_index, chunk)  # the views these regions use
+        preds += model.predict(torch.from_numpy(chunk_views).to(device), torch.from_numpy(chunk_index).to(device),
+                               torch.from_numpy(rois[chunk]).to(device), texts=texts or None)
     out, k = [], 0
     for it in items:
         n = len(it.boxes) if it.failure is None else 0
-        out.append([RegionPrediction(p.caption, p.tags, {t: p.text_scores[t] for t in it.texts})
+        out.append([dataclasses.replace(p, text_scores={t: p.text_scores[t] for t in it.texts})
                     for p in preds[k: k + n]])
         k += n
     return out
@@ -494,6 +498,11 @@ class TagScore(BaseModel):
     score: float
 
 
+class LabelScore(BaseModel):
+    name: str
+    score: float
+
+
 class ViewOut(BaseModel):
     t: float
     box: list[int]
@@ -506,6 +515,8 @@ class RegionOut(BaseModel):
     caption: str
     tags: list[TagScore]
     text_scores: dict[str, float]
+    category: LabelScore | None = None  # null when the model has no recognition categories
+    attributes: list[LabelScore] | None = None  # those over the model's threshold; null without attributes
     views: list[ViewOut]
 
 
@@ -544,10 +555,19 @@ class RegionsRequest(BaseModel):
     texts: list[str] | None = None
 
 
+def recognition_results(rec: Any) -> dict[str, Any]:
+    """``category`` and ``attributes`` of a region's Recognition; null where the model names no such labels."""
+    has_categories = rec is not None and rec.category is not None
+    has_attributes = rec is not None and bool(rec.attribute_scores)
+    return {"category": {"name": rec.category, "score": round(rec.category_score, 6)} if has_categories else None,
+            "attributes": [{"name": a, "score": round(s, 6)} for a, s in rec.attributes] if has_attributes else None}
+
+
 def region_results(prepared: Prepared, preds: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"index": i, "box": [round(v, 2) for v in box], "score": score, "caption": p.caption,
              "tags": [{"tag": t, "score": round(s, 4)} for t, s in p.tags],
              "text_scores": {t: round(s, 6) for t, s in p.text_scores.items()},
+             **recognition_results(p.recognition),
              "views": [{"t": t, "box": b} for t, b in zip(ts, vb)]}
             for i, (box, score, p, ts, vb) in enumerate(zip(prepared.boxes, prepared.scores, preds,
                                                              prepared.view_ts, prepared.view_boxes))]
@@ -627,6 +647,7 @@ canvas{background:#000;cursor:crosshair;max-width:100%;border:1px solid #333}
 #results{margin:0;padding-left:26px;max-width:460px}
 #results li{margin-bottom:10px;border-left:4px solid;padding-left:8px}
 .caption{font-weight:600}
+.recognition{color:#ffd27f}
 .meta{display:block;color:#aaa;font-size:13px}
 </style></head>
 <body>
@@ -689,6 +710,16 @@ canvas{background:#000;cursor:crosshair;max-width:100%;border:1px solid #333}
       var li = document.createElement("li"); li.style.borderColor = colour(i);
       var cap = document.createElement("span"); cap.className = "caption";
       cap.textContent = r.caption || "(no caption)"; li.appendChild(cap);
+      var rec = [];
+      if (r.category) rec.push(r.category.name + " " + r.category.score.toFixed(2));
+      if (r.attributes) {
+        rec.push("attributes: " + (r.attributes.length ? r.attributes.map(function (a) {
+          return a.name + " " + a.score.toFixed(2); }).join(", ") : "none"));
+      }
+      if (rec.length) {
+        var recog = document.createElement("span"); recog.className = "recognition";
+        recog.textContent = " [" + rec.join("; ") + "]"; li.appendChild(recog);
+      }
       var meta = document.createElement("span"); meta.className = "meta";
       var parts = ["box " + r.box.map(Math.round).join(", "),
                    "views t = " + r.views.map(function (v) { return v.t; }).join(", ")];
@@ -941,6 +972,20 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     preprocess = Preprocess.options(**deployment_options(cfg.preprocess)).bind(raw)
     predictor = Predictor.options(**deployment_options(cfg.predictor)).bind(raw)
     return Ingress.options(**deployment_options(cfg.ingress)).bind(preprocess, predictor, raw)
+
+
+def replica_processes(app_name: str, deployment: str) -> dict[str, int]:
+    """Process id of every live replica of a deployment, by replica id (as in a response's ``batch.replica``).
+
+    Read from the GCS actor table: Ray's state API (``ray.util.state``) needs the dashboard, which clusters started
+    with ``include_dashboard=False`` do not run. Needs ``ray.init`` on the app's cluster.
+    """
+    from ray._private.state import actors
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    prefix = ReplicaID("", DeploymentID(deployment, app_name)).to_full_id_str()
+    return {a["Name"][len(prefix):]: a["Pid"] for a in actors().values()
+            if a["State"] == "ALIVE" and a["Name"].startswith(prefix)}
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from dynrefer import batching, storage
-from dynrefer.batching import (ModelInputs, build_inputs, candidate_indices, choose_views, load_images,
-                               region_rng, rows_from_columns)
+from dynrefer.batching import (ModelInputs, build_inputs, candidate_indices, choose_views, concat_views,
+                               load_images, region_rng, rows_from_columns, share_views, take_regions)
 from dynrefer.config import ViewConfig
 from dynrefer.phash import select_views
 from dynrefer.preprocess import PrepareConfig, preprocess_image
-from dynrefer.views import crop_views, region_in_views
+from dynrefer.views import crop_views, region_in_views, view_boxes
 
 RNG = np.random.default_rng(0)
 VIEWS = ViewConfig(num_views=3)
@@ -118,12 +118,12 @@ def test_batch_crops_the_chosen_views_and_uses_stored_rois(tmp_path):
     images = load_images(r["file"] for r in rows)
     rngs = [region_rng(7, 0, r["region_id"]) for r in rows]
     inputs = build_inputs(rows, images, VIEWS, 32, "train", rngs, prepared_size=32)
-    assert inputs.views.shape == (4, 3, 32, 32, 3) and inputs.views.dtype == np.uint8
+    assert inputs.region_views().shape == (4, 3, 32, 32, 3) and inputs.views.dtype == np.uint8
     assert inputs.rois.shape == (4, 3, 4) and inputs.rois.dtype == np.float32
     for i, row in enumerate(rows):
         chosen = choose_views(row, VIEWS, "train", region_rng(7, 0, row["region_id"]))
         expected = crop_views(images[row["file"]], np.array(row["view_boxes"])[chosen], 32)
-        assert np.array_equal(inputs.views[i], expected)
+        assert np.array_equal(inputs.region_views()[i], expected)
         assert np.array_equal(inputs.rois[i], np.array(row["rois"], dtype=np.float32)[chosen])
         assert inputs.ts[i].tolist() == pytest.approx([row["ts"][j] for j in chosen])
     assert inputs.captions == [r["caption"] for r in rows] and inputs.tags == [r["tags"] for r in rows]
@@ -136,7 +136,7 @@ def test_rows_prepared_at_another_size_get_rois_recomputed_for_the_model(tmp_pat
     images = load_images(r["file"] for r in small)
     from_small = build_inputs(small, images, VIEWS, 64, "phash", prepared_size=32)
     chosen = [choose_views(r, VIEWS, "phash") for r in small]
-    assert from_small.views.shape == (4, 3, 64, 64, 3)
+    assert from_small.region_views().shape == (4, 3, 64, 64, 3)
     for i, row in enumerate(small):
         boxes = np.array(row["view_boxes"])[chosen[i]]
         assert np.allclose(from_small.rois[i], region_in_views(row["box"], boxes, 64).astype(np.float32))
@@ -144,7 +144,7 @@ def test_rows_prepared_at_another_size_get_rois_recomputed_for_the_model(tmp_pat
     # Fixed views pick the same boxes at either size: the same pixels, and the RoIs the prepare stage writes at 64.
     fixed_small = build_inputs(small, images, VIEWS, 64, "fixed", prepared_size=32)
     fixed_large = build_inputs(large, images, VIEWS, 64, "fixed", prepared_size=64)
-    assert np.array_equal(fixed_small.views, fixed_large.views)
+    assert np.array_equal(fixed_small.region_views(), fixed_large.region_views())
     assert np.allclose(fixed_small.rois, fixed_large.rois, atol=1e-5)
     assert not np.allclose(fixed_small.rois, build_inputs(small, images, VIEWS, 32, "fixed", prepared_size=32).rois)
 
@@ -171,10 +171,88 @@ def test_a_changed_image_is_refused(tmp_path):
 
 
 def test_columns_round_trip():
-    inputs = ModelInputs(views=np.zeros((2, 3, 8, 8, 3), np.uint8), rois=np.ones((2, 3, 4), np.float32),
+    views = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3)
+    inputs = ModelInputs(views=views, view_index=np.array([[0, 1, 3], [2, 1, 3]]), rois=np.ones((2, 3, 4), np.float32),
                          ts=np.zeros((2, 3), np.float32), captions=["a", "b"], tags=[["x"], []], region_ids=["1", "2"])
-    back = ModelInputs.from_columns(inputs.to_columns())
+    columns = inputs.to_columns()
+    assert columns["views"].shape == (2, 3, 8, 8, 3)  # Ray Data rows are regions: each carries its views
+    back = ModelInputs.from_columns(columns)
     assert back.captions == ["a", "b"] and back.tags == [["x"], []] and back.region_ids == ["1", "2"]
-    assert np.array_equal(back.views, inputs.views) and np.array_equal(back.rois, inputs.rois)
+    assert np.array_equal(back.region_views(), inputs.region_views()) and np.array_equal(back.rois, inputs.rois)
+    assert len(back.views) == 4 and back.view_index.tolist() == [[0, 1, 2], [3, 1, 2]]  # shared again
     rows = rows_from_columns({"a": np.array([1, 2]), "b": ["x", "y"]})
     assert rows == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+
+
+def many_regions(root, n=12, w=200, h=150):
+    """Prepared rows of ``n`` regions of one image (boxes spread over it, two of them identical)."""
+    rng = np.random.default_rng(3)
+    boxes = []
+    for _ in range(n - 1):
+        x, y = rng.integers(0, w - 40), rng.integers(0, h - 40)
+        boxes.append([float(x), float(y), float(x + rng.integers(15, 40)), float(y + rng.integers(15, 40))])
+    boxes.append(boxes[0])
+    file = storage.join(str(root), "many.jpg")
+    storage.write_bytes(file, jpeg(scene(w, h)))
+    record = {"image_id": "many", "file": file, "split": "val", "regions": [
+        {"region_id": f"many-{i}", "box": b, "caption": "a red circle"} for i, b in enumerate(boxes)]}
+    rows, errors = preprocess_image(record, storage.read_bytes(file), PrepareConfig(view_size=32))
+    assert errors == []
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["fixed", "phash"])
+def test_shared_views_index_the_crops_each_region_would_get(tmp_path, mode):
+    rows = many_regions(tmp_path) + prepared_rows(tmp_path, 32)
+    images = load_images(r["file"] for r in rows)
+    inputs = build_inputs(rows, images, VIEWS, 32, mode, prepared_size=32)
+    assert inputs.view_index.shape == (len(rows), 3) and inputs.view_index.dtype == np.int64
+    boxes = []
+    for i, row in enumerate(rows):
+        chosen = choose_views(row, VIEWS, mode)
+        boxes.append((row["file"], *map(tuple, np.array(row["view_boxes"])[chosen])))
+        expected = crop_views(images[row["file"]], np.array(row["view_boxes"])[chosen], 32)
+        assert np.array_equal(inputs.region_views()[i], expected)
+    distinct = {(f, b) for f, *bs in boxes for b in bs}
+    assert len(inputs.views) == len(distinct) < 3 * len(rows)  # one crop per distinct (image, box)
+    # Views are never shared across images; within one they are shared exactly when the boxes are equal.
+    for (i, a), (j, b) in [((i, a), (j, b)) for i, a in enumerate(boxes) for j, b in enumerate(boxes)]:
+        for k in range(3):
+            for m in range(3):
+                assert (inputs.view_index[i, k] == inputs.view_index[j, m]) == (a[0] == b[0] and a[1 + k] == b[1 + m])
+    if mode == "fixed":  # fixed_ts ends with t=1: the whole image, one view per image for every region
+        assert len(set(inputs.view_index[:12, 2].tolist())) == 1
+        whole = view_boxes(rows[0]["box"], rows[0]["width"], rows[0]["height"], [1.0])[0]
+        assert whole.tolist() == [0, 0, rows[0]["width"], rows[0]["height"]]
+    assert inputs.view_index[0].tolist() == inputs.view_index[11].tolist()  # the repeated box: all views shared
+
+
+def test_share_views_merges_equal_pixels_only():
+    rng = np.random.default_rng(1)
+    distinct = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    distinct[4] = distinct[3]
+    distinct[4, 5, 5, 2] ^= 1  # one bit apart from view 3: not the same view
+    pick = np.array([[0, 1, 2], [3, 1, 2], [4, 0, 2], [3, 3, 3]])
+    views, index = share_views(distinct[pick])
+    assert views.shape == (5, 6, 6, 3) and index.shape == (4, 3)
+    assert np.array_equal(views[index], distinct[pick])
+    assert index.tolist() == [[0, 1, 2], [3, 1, 2], [4, 0, 2], [3, 3, 3]]  # first occurrences keep their order
+    big = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    big[1] = big[0]
+    big[1, 0, 0, 1] ^= 1  # a byte the bucketing sample skips: the full comparison must still tell them apart
+    views, index = share_views(big[[0, 1, 0]])
+    assert len(views) == 2 and index.tolist() == [0, 1, 0]
+    empty, none = share_views(np.zeros((0, 3, 6, 6, 3), np.uint8))
+    assert empty.shape == (0, 6, 6, 3) and none.shape == (0, 3)
+
+
+def test_concat_and_take_regions_keep_each_region_its_views():
+    rng = np.random.default_rng(2)
+    a_views, b_views = rng.integers(0, 256, (3, 4, 4, 3), np.uint8), rng.integers(0, 256, (2, 4, 4, 3), np.uint8)
+    a_index, b_index = np.array([[0, 2], [1, 2]]), np.array([[0, 1], [1, 1], [0, 0]])
+    views, index = concat_views([(a_views, a_index), (b_views, b_index)])
+    assert index.tolist() == [[0, 2], [1, 2], [3, 4], [4, 4], [3, 3]]
+    per_region = np.concatenate([a_views[a_index], b_views[b_index]])
+    assert np.array_equal(views[index], per_region)
+    part_views, part_index = take_regions(views, index, slice(1, 4))
+    assert len(part_views) == 4 and np.array_equal(part_views[part_index], per_region[1:4])  # view 0 is unused

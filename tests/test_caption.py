@@ -1,31 +1,37 @@
-"""Bulk captioning on a real local Ray cluster: every prepared region comes out exactly once, also after a rerun."""
+"""Bulk captioning on a real local Ray cluster: given boxes and dense captioning (a trained proposer or a detections
+file); every region comes out exactly once, also after a rerun, and the output evaluates."""
 
+import json
 import os
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
-from dynrefer import synth
+from dynrefer import datasets, synth
 from dynrefer.checkpoint import save_pretrained
 from dynrefer.config import load_config
 from dynrefer.model import DynRefer
 from dynrefer.preprocess import PrepareConfig
-
-pytestmark = pytest.mark.slow
+from dynrefer.proposals import fit, load_proposal_config
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_local):
-    """A prepared 12-image synthetic corpus and an exported (untrained) tiny model."""
+    """A prepared 12-image synthetic corpus and an exported (untrained) tiny model that also names categories and
+    attributes."""
     from pipelines.prepare import PrepareJob, run
 
     root = tmp_path_factory.mktemp("caption")
     synth.write_corpus(str(root / "synth"), 12, seed=3, progress=False)
     run(PrepareJob(dataset="vg", root=str(root / "synth"), out=str(root / "prepared"), images_per_shard=4,
                    prepare=PrepareConfig(view_size=64)), progress=False)
+    prepared = pq.read_table(root / "prepared" / "regions", columns=["category", "attributes"]).to_pylist()
     cfg = load_config("tiny")
     cfg.tags.vocabulary = ["red", "blue", "circle", "striped"]
+    cfg.recognition.categories = sorted({r["category"] for r in prepared if r["category"]})
+    cfg.recognition.attributes = sorted({a for r in prepared for a in r["attributes"]})
     cfg.language.max_new_tokens = 6
     torch.manual_seed(0)
     save_pretrained(DynRefer(cfg), str(root / "model"))
@@ -35,10 +41,85 @@ def corpus(tmp_path_factory, ray_local):
 def job(corpus, out, **kw):
     from pipelines.caption import CaptionJob
 
-    return CaptionJob(model=str(corpus / "model"), prepared=str(corpus / "prepared"), out=str(out),
-                      batch_size=16, **kw)
+    kw.setdefault("prepared", None if "images" in kw else str(corpus / "prepared"))
+    return CaptionJob(model=str(corpus / "model"), out=str(out), batch_size=16, **kw)
 
 
+def evaluate(corpus, predictions, out, tasks):
+    """`dynrefer evaluate` on the test split; returns its metrics.json."""
+    from pipelines.evaluate import main
+
+    assert main(["--predictions", str(predictions), "--prepared", str(corpus / "prepared"), "--split", "test",
+                 "--task", tasks, "--out", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_detections_are_validated_entry_by_entry_then_cut_by_score_and_count():
+    from pipelines.caption import attach_detections
+
+    records = [{"image_id": "1", "regions": []}, {"image_id": "a", "regions": []}]
+    detections = [
+        {"image_id": 1, "bbox": [10, 20, 30, 40], "score": 0.9, "category_id": 3},
+        {"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.2},  # under min_score
+        {"image_id": "1", "bbox": [1, 2, 3, 4], "score": 0.5},
+        {"image_id": 1, "bbox": [2, 2, 3, 3], "score": 0.4},  # beyond max_regions
+        {"image_id": 1, "bbox": [1, 2, 3], "score": 0.9},
+        {"image_id": 7, "bbox": [1, 2, 3, 4], "score": 0.9},
+        {"image_id": "a", "bbox": [1, 2, 0, 4], "score": 0.9},
+        {"image_id": "a", "bbox": [1, 2, 3, 4], "score": "high"},
+        ["a", [1, 2, 3, 4]],
+    ]
+    errors = attach_detections(records, detections, "dets.json", min_score=0.3, max_regions=2)
+    assert records[0]["regions"] == [
+        {"region_id": "1-det0", "box": [10.0, 20.0, 40.0, 60.0], "score": 0.9, "detection_category_id": "3"},
+        {"region_id": "1-det2", "box": [1.0, 2.0, 4.0, 6.0], "score": 0.5, "detection_category_id": None}]
+    assert records[1]["regions"] == []
+    assert [(e["image_id"], e["region_id"]) for e in errors] == [("1", "det-4"), ("7", "det-5"), ("a", "det-6"),
+                                                                 ("a", "det-7"), (None, "det-8")]
+    assert errors[0]["message"].startswith("dets.json[4]: 'bbox' must be 4 finite numbers")
+    assert "image_id 7 is not among the images" in errors[1]["message"]
+    assert "zero or negative width" in errors[2]["message"]
+    assert "'score' must be a finite number" in errors[3]["message"]
+    assert "expected an object, got list" in errors[4]["message"]
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        attach_detections(records, {"annotations": []}, "dets.json", 0.0, 5)
+
+
+def test_image_records_of_a_directory_a_list_and_a_coco_file(tmp_path):
+    from pipelines.caption import image_records
+
+    for name in ("b.png", "a.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "notes.md").write_text("not an image")
+    assert [(r["image_id"], r["file"]) for r in image_records(str(tmp_path))] == [
+        ("a", str(tmp_path / "a.jpg")), ("b", str(tmp_path / "b.png"))]
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'b.png'}\n\n{tmp_path / 'a.jpg'}\n")
+    assert [r["image_id"] for r in image_records(str(tmp_path / "list.txt"))] == ["b", "a"]
+    (tmp_path / "coco.json").write_text(json.dumps({"images": [{"id": 5, "file_name": "a.jpg"}]}))
+    assert image_records(str(tmp_path / "coco.json")) == [
+        {"image_id": "5", "file": str(tmp_path / "a.jpg"), "split": None, "regions": []}]
+    (tmp_path / "dup.txt").write_text(f"{tmp_path / 'a.jpg'}\n{tmp_path / 'x' / 'a.jpg'}\n")
+    with pytest.raises(ValueError, match="image id 'a' names two files"):
+        image_records(str(tmp_path / "dup.txt"))
+    with pytest.raises(ValueError, match="a split needs a Visual Genome root"):
+        image_records(str(tmp_path), split="test")
+
+
+def test_the_command_line_refuses_contradictory_inputs_before_starting_ray(tmp_path, caplog):
+    from pipelines.caption import main
+
+    base = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]
+    assert main([*base, "--images", str(tmp_path)]) == 2
+    assert "exactly one box source" in caplog.text
+    assert main([*base, "--prepared", str(tmp_path), "--detections", "d.json"]) == 2
+    assert "not prepared regions" in caplog.text
+    assert main([*base, "--prepared", str(tmp_path), "--input-workers", "0"]) == 2
+    assert "input_workers" in caplog.text
+    with pytest.raises(SystemExit):
+        main([*base, "--images", str(tmp_path), "--proposals", "p", "--detections", "d.json"])
+
+
+@pytest.mark.slow
 def test_every_region_is_captioned_exactly_once_and_a_rerun_only_fills_gaps(corpus, tmp_path):
     from pipelines.caption import read_captions, run
 
@@ -54,6 +135,28 @@ def test_every_region_is_captioned_exactly_once_and_a_rerun_only_fills_gaps(corp
     assert sorted(r["region_id"] for r in read_captions(str(tmp_path / "out"))) == sorted(r["region_id"] for r in rows)
 
 
+@pytest.mark.slow
+def test_given_boxes_carry_category_and_attributes_that_evaluate(corpus, tmp_path):
+    from dynrefer.config import DynReferConfig
+    from pipelines.caption import read_captions, run
+
+    cfg = DynReferConfig.from_dict(json.loads((corpus / "model" / "config.json").read_text())).recognition
+    summary = run(job(corpus, tmp_path / "out", split="test"), progress=False)
+    rows = read_captions(str(tmp_path / "out"))
+    assert summary["exactly_once"] and summary["captioned"] == len(rows) > 0
+    for r in rows:
+        assert sorted(r["category_scores"]) == cfg.categories and sorted(r["attribute_scores"]) == cfg.attributes
+        assert r["category"] == max(r["category_scores"], key=r["category_scores"].get)
+        assert r["category_score"] == pytest.approx(r["category_scores"][r["category"]])
+        assert all(r["attribute_scores"][a] >= cfg.attribute_threshold for a in r["attributes"])
+        assert r["score"] is None
+    metrics = evaluate(corpus, tmp_path / "out" / "captions", tmp_path / "eval", "attributes,recognition")
+    assert metrics["inputs"]["missing_predictions"] == 0
+    assert metrics["attributes"]["attributes_evaluated"] > 0 and 0.0 <= metrics["attributes"]["map"] <= 1.0
+    assert metrics["recognition"]["regions"] == len(rows) and 0.0 <= metrics["recognition"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
 def test_fixed_views_jsonl_and_unreadable_images_become_error_rows(corpus, tmp_path):
     from pipelines.caption import read_captions, run
 
@@ -71,3 +174,71 @@ def test_fixed_views_jsonl_and_unreadable_images_become_error_rows(corpus, tmp_p
     assert summary["captioned"] + summary["errors"] == len(test_ids)
     assert all(r["view_ts"] == [0.0, 0.5, 1.0] for r in rows if not r["error"])
     assert all(r["error"].startswith(f"{victim}: not an image") for r in rows if r["error"])
+
+
+def held_out_image(corpus):
+    """The test split's one image record and its size."""
+    record = next(datasets.read_visual_genome(str(corpus / "synth"), split="test"))
+    return record, Image.open(record["file"]).size
+
+
+@pytest.mark.slow
+def test_dense_captioning_with_a_trained_proposer(corpus, tmp_path):
+    from pipelines.caption import read_captions, run
+
+    train = list(datasets.read_visual_genome(str(corpus / "synth"), split="train"))
+    cfg = load_proposal_config("tiny")
+    cfg.min_size, cfg.max_size, cfg.train.batch_size = 128, 192, 2  # fast, not good
+    fit(train[:4], cfg, steps=2).proposer.save(str(tmp_path / "proposer"))
+    record, (width, height) = held_out_image(corpus)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (tmp_path / "images.txt").write_text(f"{record['file']}\n{tmp_path / 'broken.jpg'}\n")
+    dense = job(corpus, tmp_path / "out", images=str(tmp_path / "images.txt"), proposals=str(tmp_path / "proposer"),
+                max_regions=5, images_per_shard=1, cpus_per_actor=0.5, cpus_per_proposer=0.5)
+    summary = run(dense, progress=False)
+    rows = read_captions(str(tmp_path / "out"))
+    regions = [r for r in rows if not r["error"]]
+    assert summary["exactly_once"] and summary["images"] == 2 and summary["images_with_regions"] == 1
+    assert summary["captioned"] == len(regions) == 5 and summary["errors"] == 1
+    [broken] = [r for r in rows if r["error"]]
+    assert broken["image_id"] == "broken" and broken["region_id"] is None and "broken.jpg" in broken["error"]
+    scores = [r["score"] for r in regions]
+    assert scores == sorted(scores, reverse=True) and all(0.0 <= s <= 1.0 for s in scores)
+    for r in regions:
+        x1, y1, x2, y2 = r["box"]
+        assert r["image_id"] == record["image_id"] and 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        assert isinstance(r["caption"], str) and r["category"] in r["category_scores"]
+    metrics = evaluate(corpus, tmp_path / "out" / "captions", tmp_path / "eval", "dense")
+    assert metrics["dense"]["predictions"] == 5 and 0.0 <= metrics["dense"]["det_map"] <= 1.0
+    os.remove(tmp_path / "out" / "captions" / "shard-00000.parquet")
+    again = run(dense, progress=False)
+    assert again["shards_written_now"] == 1 and again["exactly_once"]
+    assert sorted(r["region_id"] for r in read_captions(str(tmp_path / "out")) if r["region_id"]) == \
+        sorted(r["region_id"] for r in regions)
+
+
+@pytest.mark.slow
+def test_dense_captioning_from_a_detections_file_with_a_malformed_entry(corpus, tmp_path):
+    from pipelines.caption import read_captions, run
+
+    record, (width, height) = held_out_image(corpus)
+    truth = record["regions"]
+    detections = [{"image_id": int(record["image_id"]), "score": 1.0 - 0.01 * i, "category_id": 1,
+                   "bbox": [r["box"][0], r["box"][1], r["box"][2] - r["box"][0], r["box"][3] - r["box"][1]]}
+                  for i, r in enumerate(truth)]
+    detections.append({"image_id": int(record["image_id"]), "bbox": [1, 2], "score": 0.5})
+    (tmp_path / "detections.json").write_text(json.dumps(detections))
+    summary = run(job(corpus, tmp_path / "out", images=str(corpus / "synth"), split="test", format="jsonl",
+                      detections=str(tmp_path / "detections.json")), progress=False)
+    rows = read_captions(str(tmp_path / "out"), "jsonl")
+    assert summary["exactly_once"] and summary["captioned"] == len(truth) and summary["errors"] == 1
+    [bad] = [r for r in rows if r["error"]]
+    assert bad["region_id"] == f"det-{len(truth)}" and f"detections.json[{len(truth)}]: 'bbox'" in bad["error"]
+    given = {f"{record['image_id']}-det{i}": r["box"] for i, r in enumerate(truth)}
+    for r in rows:
+        if not r["error"]:
+            assert r["box"] == pytest.approx(given[r["region_id"]]) and r["detection_category_id"] == "1"
+            assert r["caption"] is not None and r["category"] is not None and r["score"] > 0.8
+    metrics = evaluate(corpus, tmp_path / "out" / "captions", tmp_path / "eval", "dense")
+    assert metrics["inputs"]["error_rows"] == 1 and metrics["dense"]["predictions"] == len(truth)
+    assert metrics["dense"]["det_map"] > 0.9  # the reference boxes themselves

@@ -41,7 +41,7 @@ def shard_bytes(rows, schema=None):
 
 
 def check_inputs(result):
-    assert result["inputs"] == {"reference_regions": 3, "prediction_rows": 3, "missing_predictions": 1,
+    assert result["inputs"] == {"reference_regions": 3, "prediction_rows": 3, "error_rows": 0, "missing_predictions": 1,
                                 "missing_examples": [["2", "r3"]], "unmatched_predictions": 1}
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from dynrefer.alignment import ViewAlignment
 from dynrefer.checkpoint import load_pretrained, save_pretrained
@@ -27,10 +28,11 @@ def tiny_config(**language) -> DynReferConfig:
 
 
 def batch(b=4, v=3, s=64, seed=0):
+    """Random views, each region its own: views (B*V, S, S, 3), view_index (B, V), rois (B, V, 4)."""
     g = torch.Generator().manual_seed(seed)
-    views = torch.randint(0, 256, (b, v, s, s, 3), dtype=torch.uint8, generator=g)
+    views = torch.randint(0, 256, (b * v, s, s, 3), dtype=torch.uint8, generator=g)
     rois = torch.tensor([[0, 0, s, s], [16, 16, 48, 48], [24, 24, 40, 40]], dtype=torch.float)[:v]
-    return views, rois.expand(b, v, 4).clone()
+    return views, torch.arange(b * v).view(b, v), rois.expand(b, v, 4).clone()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,8 @@ def model():
 def test_forward_backward_losses_finite_and_gradients_where_trainable():
     torch.manual_seed(0)
     m = DynRefer(tiny_config(freeze=True)).train()
-    views, rois = batch()
-    out = m(views, rois, CAPTIONS, REGION_TAGS)
+    views, index, rois = batch()
+    out = m(views, index, rois, CAPTIONS, REGION_TAGS)
     assert set(out) == {"tags", "contrastive", "caption", "loss"}
     assert all(math.isfinite(float(v)) for v in out.values())
     expected = out["caption"] + 0.01 * out["tags"] + 0.5 * out["contrastive"]
@@ -75,16 +77,16 @@ def test_decoder_only_lm_trains_and_generates():
     torch.manual_seed(0)
     m = DynRefer(tiny_config(arch={"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2,
                                    "n_positions": 128}))
-    views, rois = batch(b=2)
-    loss = m.train()(views, rois, CAPTIONS[:2], REGION_TAGS[:2])["caption"]
+    views, index, rois = batch(b=2)
+    loss = m.train()(views, index, rois, CAPTIONS[:2], REGION_TAGS[:2])["caption"]
     assert math.isfinite(float(loss))
-    preds = m.eval().predict(views, rois)
+    preds = m.eval().predict(views, index, rois)
     assert len(preds) == 2 and all(isinstance(p.caption, str) for p in preds)
 
 
 def test_predict_gives_caption_tags_and_text_scores(model):
-    views, rois = batch(b=3)
-    preds = model.eval().predict(views, rois, texts=["a red circle", "a blue square"])
+    views, index, rois = batch(b=3)
+    preds = model.eval().predict(views, index, rois, texts=["a red circle", "a blue square"])
     assert len(preds) == 3
     for p in preds:
         assert isinstance(p.caption, str) and len(p.caption.split()) <= model.cfg.language.max_new_tokens
@@ -96,11 +98,11 @@ def test_predict_gives_caption_tags_and_text_scores(model):
 def test_save_load_gives_identical_predictions(model, tmp_path):
     model.eval()
     model.cfg.tags.threshold = 0.0  # every tag shown, so tag scores are compared too
-    views, rois = batch(b=2, seed=1)
-    before = model.predict(views, rois, texts=["red"])
+    views, index, rois = batch(b=2, seed=1)
+    before = model.predict(views, index, rois, texts=["red"])
     save_pretrained(model, str(tmp_path / "export"))
     loaded = load_pretrained(str(tmp_path / "export"))
-    assert loaded.predict(views, rois, texts=["red"]) == before
+    assert loaded.predict(views, index, rois, texts=["red"]) == before
     model.cfg.tags.threshold = 0.7
 
 
@@ -188,9 +190,9 @@ def test_recognition_matches_scoring_its_prompts_as_texts(tmp_path):
     cfg.recognition = dataclasses.replace(cfg.recognition, categories=["circle", "square", "star"],
                                           attributes=["red", "blue"], attribute_threshold=0.0)
     m = DynRefer(cfg).eval()
-    views, rois = batch(b=3, seed=2)
+    views, index, rois = batch(b=3, seed=2)
     texts = ["the circle", "the square", "the star", "the red object", "the blue object"]
-    preds = m.predict(views, rois, texts=texts)
+    preds = m.predict(views, index, rois, texts=texts)
     for p in preds:
         r = p.recognition
         expected = [p.text_scores[t] for t in texts]
@@ -200,10 +202,59 @@ def test_recognition_matches_scoring_its_prompts_as_texts(tmp_path):
         assert r.category_score == r.category_scores[r.category]
         assert [a for a, _ in r.attributes] == sorted(r.attribute_scores, key=lambda a: -r.attribute_scores[a])
     m.cfg.recognition.attribute_threshold = 1.01
-    assert all(p.recognition.attributes == [] for p in m.predict(views, rois))
+    assert all(p.recognition.attributes == [] for p in m.predict(views, index, rois))
     save_pretrained(m, str(tmp_path / "export"))
-    assert load_pretrained(str(tmp_path / "export")).predict(views, rois) == m.predict(views, rois)
-    assert all(p.recognition is None for p in DynRefer(tiny_config()).eval().predict(views, rois))
+    assert load_pretrained(str(tmp_path / "export")).predict(views, index, rois) == m.predict(views, index, rois)
+    assert all(p.recognition is None for p in DynRefer(tiny_config()).eval().predict(views, index, rois))
     cfg.recognition.category_prompt = "a photo"
     with pytest.raises(ValueError, match="category_prompt must contain"):
         DynRefer(cfg)
+
+
+def many_region_inputs(tmp_path, mode, n=12, w=200, h=150):
+    """ModelInputs for ``n`` regions of one image (as batch captioning and serving build them)."""
+    import numpy as np
+
+    from dynrefer.batching import build_inputs, load_images
+    from dynrefer.preprocess import PrepareConfig, preprocess_image
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "many.png"
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    boxes = [[float(x), float(y), float(x + rng.integers(12, 60)), float(y + rng.integers(12, 60))]
+             for x, y in zip(rng.integers(0, w - 60, n), rng.integers(0, h - 60, n))]
+    record = {"image_id": "many", "file": str(path), "regions": [{"region_id": str(i), "box": b}
+                                                                  for i, b in enumerate(boxes)]}
+    rows, errors = preprocess_image(record, path.read_bytes(), PrepareConfig(view_size=64))
+    assert not errors and len(rows) == n
+    return build_inputs(rows, load_images([str(path)]), tiny_config().views, 64, mode, prepared_size=64)
+
+
+def test_shared_views_give_the_outputs_of_separate_views_from_fewer_encoder_rows(model, tmp_path):
+    inputs = many_region_inputs(tmp_path, "fixed")  # t = 0, 0.5, 1: the t=1 view is one for all regions
+    b, v = inputs.view_index.shape
+    shared = tuple(torch.from_numpy(a) for a in (inputs.views, inputs.view_index, inputs.rois))
+    separate = (torch.from_numpy(inputs.region_views()).flatten(0, 1), torch.arange(b * v).view(b, v), shared[2])
+    encoded = []
+    hook = model.encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    model.eval()
+    model.cfg.tags.threshold = 0.0  # every tag shown, so all tag scores are compared
+    model.cfg.language.max_new_tokens = 6  # captions compare as well at 6 words; generation is the slow part
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared, busy cores spin far more than they compute
+    try:
+        regions = [model.embedding(*x) for x in (shared, separate)]
+        preds = [model.predict(*x, texts=["a red circle", "a square"]) for x in (shared, separate)]
+    finally:
+        hook.remove()
+        model.cfg.tags.threshold, model.cfg.language.max_new_tokens = 0.7, 20
+        torch.set_num_threads(threads)
+    assert encoded == [len(inputs.views), b * v] * 2
+    assert b * v == 36 and len(inputs.views) == 36 - 11  # the t=1 view of 12 regions is encoded once
+    # The same views give each region the same features; only the encoder's batch size differs, which can
+    # change the last float bits of its matrix products.
+    torch.testing.assert_close(regions[0], regions[1], rtol=1e-5, atol=1e-5)
+    for got, want in zip(*preds):
+        assert got.caption == want.caption and [t for t, _ in got.tags] == [t for t, _ in want.tags]
+        assert [s for _, s in got.tags] == pytest.approx([s for _, s in want.tags], abs=1e-5)
+        assert got.text_scores == pytest.approx(want.text_scores, abs=1e-5)

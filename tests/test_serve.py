@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,8 +26,8 @@ from PIL import Image, ImageDraw
 from dynrefer.config import load_config
 from dynrefer.views import validate_box
 from pipelines.serve import (
-    PAGE, Dense, Limits, Prepared, RegionsResponse, RequestError, bounded, deployment_options, guarded, parse_config,
-    parse_payload, predict_items, prepare_request, proposal_boxes, read_body,
+    PAGE, Dense, Limits, Prepared, RegionOut, RegionsResponse, RequestError, bounded, deployment_options, guarded,
+    parse_config, parse_payload, predict_items, prepare_request, proposal_boxes, read_body, region_results,
 )
 
 LIMITS = Limits(max_body_bytes=300_000, max_pixels=250_000, max_boxes=4, max_texts=3, max_text_chars=40)
@@ -201,7 +206,8 @@ def test_prepare_request_failures_carry_reasons_and_validate_box_messages(tiny_c
 
 
 def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
-    proposed = [([0, 0, 10, 10], 0.2), ([5, 5, 60, 60], 0.9), ([10, 10, 100, 90], 0.5), ([1, 1, 30, 30], 0.6)]
+    proposed = [([0, 0, 10, 10], 0.2), ([5, 5, 60, 60], 0.9), ([10, 10, 100, 90], 0.5), ([1, 1, 30, 30], 0.6),
+                ([0, 60, 1.5, 60], 0.95)]
     assert proposal_boxes(proposed, 0.3, 2) == ([[5.0, 5.0, 60.0, 60.0], [1.0, 1.0, 30.0, 30.0]], [0.9, 0.6])
 
     class FixedProposals:
@@ -211,7 +217,7 @@ def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
             return proposed
 
     got = prepare_request(picture(), None, [], tiny_cfg, "fixed", LIMITS, FixedProposals(), Dense(min_score=0.3))
-    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5] and len(got.views) == 3
+    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5] and got.view_index.shape == (3, 3)
     assert got.view_ts == [[0.0, 0.5, 1.0]] * 3
 
 
@@ -247,6 +253,50 @@ def test_one_forward_for_many_requests_equals_one_per_request(tiny_cfg, one_torc
             assert g.text_scores.keys() == w.text_scores.keys()
             np.testing.assert_allclose(list(g.text_scores.values()), list(w.text_scores.values()), rtol=1e-4, atol=1e-6)
     assert set(together[0][0].text_scores) == {"red"} and set(together[2][0].text_scores) == {"blue", "circle"}
+
+
+def with_recognition(cfg, categories=("apple", "car", "dog"), attributes=("red", "blue", "round")):
+    """A copy of ``cfg`` whose model names recognition labels (every attribute reported, untrained as it is)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.recognition.categories, cfg.recognition.attributes = list(categories), list(attributes)
+    cfg.recognition.attribute_threshold = 0.0
+    return cfg
+
+
+def test_category_and_attributes_reach_the_response_and_are_null_without_labels(tiny_cfg, one_torch_thread):
+    import torch
+
+    from dynrefer.model import DynRefer
+
+    item = prepare_request(picture(seed=4), [[10, 20, 100, 120], [150, 60, 290, 200]], ["red"], tiny_cfg, "phash",
+                           LIMITS)
+    inputs = [torch.from_numpy(x) for x in (item.views, item.view_index, item.rois)]
+    cfgs = {"both": with_recognition(tiny_cfg), "categories": with_recognition(tiny_cfg, attributes=()),
+            "none": tiny_cfg}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(5)
+        model = DynRefer(cfg).eval()
+        direct = model.predict(*inputs, texts=["red"])
+        regions = [RegionOut.model_validate(r) for r in region_results(item, predict_items(model, [item], 8)[0])]
+        assert len(regions) == 2
+        for got, want in zip(regions, direct):
+            if name == "none":
+                assert got.category is None and got.attributes is None and want.recognition is None
+                continue
+            rec = want.recognition
+            best = max(rec.category_scores, key=rec.category_scores.get)
+            assert got.category.name == best == rec.category and got.category.name in cfg.recognition.categories
+            assert got.category.score == pytest.approx(rec.category_scores[best], rel=1e-4, abs=1e-6)
+            if name == "categories":
+                assert got.attributes is None
+                continue
+            by_score = sorted(rec.attribute_scores, key=lambda a: -rec.attribute_scores[a])
+            assert [a.name for a in got.attributes] == by_score
+            assert sorted(a.name for a in got.attributes) == sorted(cfg.recognition.attributes)
+            for a in got.attributes:
+                assert a.score == pytest.approx(rec.attribute_scores[a.name], rel=1e-4, abs=1e-6)
+    as_json = region_results(item, predict_items(model, [item], 8)[0])[0]
+    assert as_json["category"] is None and as_json["attributes"] is None
 
 
 def test_server_errors_are_json_with_a_request_id_and_the_trace_only_in_the_log(caplog):
@@ -296,7 +346,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, ray_local, tiny_cfg):
-    """The app on a real local Serve at 127.0.0.1 with an exported untrained tiny model; shut down afterwards."""
+    """The app on a real local Serve at 127.0.0.1 with an exported untrained tiny model (with recognition labels);
+    shut down afterwards."""
     import requests
     import torch
     from ray import serve
@@ -307,7 +358,7 @@ def server(tmp_path_factory, ray_local, tiny_cfg):
 
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(3)
-    save_pretrained(DynRefer(tiny_cfg), str(root / "model"))
+    save_pretrained(DynRefer(with_recognition(tiny_cfg)), str(root / "model"))
     one = {"min_replicas": 1, "max_replicas": 1}
     args = {"model": str(root / "model"), "limits": {**LIMITS.__dict__, "request_timeout_s": 120},
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
@@ -327,7 +378,8 @@ def server(tmp_path_factory, ray_local, tiny_cfg):
 
 @pytest.fixture(scope="module")
 def dense_server(server, tiny_cfg):
-    """A second app on the same Serve, at /dense, with an untrained proposal model from dynrefer.proposals."""
+    """A second app on the same Serve, at /dense, with an untrained proposal model from dynrefer.proposals (an
+    untrained FCOS scores about 0.1: its classification prior is 0.01)."""
     import requests
     from ray import serve
 
@@ -338,7 +390,7 @@ def dense_server(server, tiny_cfg):
     Proposer(build_proposer(cfg), cfg).save(str(server["root"] / "proposals"))
     small = {"num_cpus": 0.2, "max_ongoing_requests": 8, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     args = {"model": str(server["root"] / "model"), "proposals": str(server["root"] / "proposals"),
-            "dense": {"min_score": 0.2, "max_regions": 3}, "limits": {"max_boxes": 4},
+            "dense": {"min_score": 0.05, "max_regions": 3}, "limits": {"max_boxes": 4},
             "batching": {"max_batch_size": 4}, "ingress": small, "preprocess": small, "predictor": small}
     serve.run(app_builder(args), name="dynrefer-dense", route_prefix="/dense")
     try:
@@ -372,6 +424,8 @@ def test_regions_multipart_base64_and_raw_agree(server):
         assert all(0 <= t.score <= 1 for t in region.tags)
         assert list(region.text_scores) == ["a red square", "a blue circle"]
         assert [v.t for v in region.views][0] == 0.0 and len(region.views) == 3
+        assert region.category.name in ("apple", "car", "dog") and 0 <= region.category.score <= 1
+        assert sorted(a.name for a in region.attributes) == ["blue", "red", "round"]
     as_json = post(server, "/v1/regions", json={"image": base64.b64encode(image).decode(), "boxes": BOXES},
                    headers={"X-Request-ID": "client-trace-7"})
     assert as_json.status_code == 200, as_json.text
@@ -390,7 +444,7 @@ def test_dense_captions_the_proposals_of_the_configured_proposal_model(dense_ser
     body = RegionsResponse.model_validate(r.json())
     assert body.source == "proposals" and 1 <= len(body.regions) <= 3
     scores = [region.score for region in body.regions]
-    assert all(s >= 0.2 for s in scores) and scores == sorted(scores, reverse=True)
+    assert all(s >= 0.05 for s in scores) and scores == sorted(scores, reverse=True)
     assert all(0 <= b.box[0] < b.box[2] <= 320 and 0 <= b.box[1] < b.box[3] <= 240 for b in body.regions)
     given = post(dense_server, "/v1/dense", files={"image": ("a.png", picture(), "image/png")},
                  data={"boxes": json.dumps(BOXES)})
@@ -475,6 +529,196 @@ def test_parallel_requests_share_a_forward(server):
     assert max(shared) > 1 and all(1 <= s <= 4 for s in shared)
     stats = requests.get(server["base"] + "/v1/model", timeout=30).json()["batching"]
     assert stats["max_requests_per_forward"] > 1 and stats["forwards"] < stats["requests"]
+
+
+def running_replicas(app_name: str, deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    d = app.deployments.get(deployment) if app else None
+
+    def value(s) -> str:  # an enum or its name, by Ray version
+        return str(getattr(s, "value", s))
+
+    return 0 if d is None or value(d.status) != "HEALTHY" else sum(
+        n for state, n in d.replica_states.items() if value(state) == "RUNNING")
+
+
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"{what}: not within {timeout_s:g} s")
+
+
+@pytest.mark.slow
+def test_a_killed_model_replica_is_replaced_under_load_and_no_request_hangs(server, tiny_cfg):
+    """SIGKILL one of two model replicas while clients keep sending: few requests fail (each with a JSON 500),
+    none outlives its client timeout, Serve starts a new replica (new process), and it serves again."""
+    import requests
+    import torch
+    from ray import serve
+
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.model import DynRefer
+    from pipelines.serve import app_builder, replica_processes
+
+    torch.manual_seed(3)
+    save_pretrained(DynRefer(tiny_cfg), str(server["root"] / "plain-model"))  # no recognition labels
+    name, clients, client_timeout = "dynrefer-kill", 6, 90.0
+    small = {"num_cpus": 0.05, "max_ongoing_requests": 8, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    args = {"model": str(server["root"] / "plain-model"), "limits": {"request_timeout_s": 60},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05},
+            "ingress": {**small, "max_ongoing_requests": 32}, "preprocess": small,
+            "predictor": {**small, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}}
+    serve.run(app_builder(args), name=name, route_prefix="/kill")
+    url = server["base"] + "/kill/v1/regions"
+    body = {"image": base64.b64encode(picture(seed=7)).decode(), "boxes": BOXES}
+    results: list[tuple[float, float, int, dict]] = []  # (start, end, status or 0 for a client-side error, body)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                r = requests.post(url, json=body, timeout=client_timeout)
+                status, answer = r.status_code, r.json()
+            except requests.RequestException as e:
+                status, answer = 0, {"error": repr(e)}
+            with lock:
+                results.append((start, time.monotonic(), status, answer))
+
+    def replacement(victim: str) -> dict[str, int] | None:
+        now = replica_processes(name, "Predictor")
+        return now if len(now) == 2 and victim not in now and running_replicas(name, "Predictor") == 2 else None
+
+    def served_by() -> set[str]:
+        with lock:
+            return {a["batch"]["replica"] for _, _, st, a in results if st == 200}
+
+    try:
+        before = replica_processes(name, "Predictor")
+        assert len(before) == 2 and running_replicas(name, "Predictor") == 2
+        with ThreadPoolExecutor(clients) as pool:
+            workers = [pool.submit(client) for _ in range(clients)]
+            try:
+                victim = wait_until(lambda: next(iter(served_by() & set(before)), None), 120, "first answers")
+                wait_until(lambda: len(results) >= 3 * clients, 120, "steady load")
+                os.kill(before[victim], signal.SIGKILL)
+                killed_at = time.monotonic()
+                replaced = wait_until(lambda: replacement(victim), 180, "a replacement replica")
+                recovered_at = time.monotonic()
+                with lock:
+                    done_at_recovery = len(results)
+                wait_until(lambda: sum(st == 200 for _, _, st, _ in results[done_at_recovery:]) >= 2 * clients, 120,
+                           "answers after recovery")
+            finally:
+                stop.set()
+                for w in workers:
+                    w.result(timeout=client_timeout + 30)
+        (new,) = set(replaced) - set(before)
+        assert replaced[new] not in before.values() and set(replaced) - {new} == set(before) - {victim}
+        failed = [(start, end, st, a) for start, end, st, a in results if st != 200]
+        print(f"killed replica {victim} (pid {before[victim]}); replaced by {new} (pid {replaced[new]}) in "
+              f"{recovered_at - killed_at:.1f} s; failed {len(failed)}/{len(results)}")
+        assert all(end - start < client_timeout for start, end, _, _ in results)  # none hung
+        assert all(st == 500 and a["error"] == "internal" and a["request_id"] for _, _, st, a in failed), failed
+        # Only requests under way when the replica died may fail: at most one per client, each started before
+        # the kill (the router drops a dead replica from its choices on the first failure).
+        assert len(failed) <= clients and all(start <= killed_at for start, _, _, _ in failed), failed
+        after = [a for start, _, st, a in results if start > recovered_at]
+        assert after and all(st == 200 for start, _, st, _ in results if start > recovered_at)
+        assert all(r["category"] is None and r["attributes"] is None for a in after for r in a["regions"])
+        # The replacement serves: new requests reach it.
+        answers = [requests.post(url, json=body, timeout=client_timeout) for _ in range(30)]
+        assert all(r.status_code == 200 for r in answers)
+        assert new in {r.json()["batch"]["replica"] for r in answers}
+    finally:
+        serve.delete(name)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_the_shipped_config_on_a_ray_start_cluster(tmp_path, tiny_cfg):
+    """`ray start --head` on 127.0.0.1, `serve deploy configs/serve/local.yaml` (model and port changed), answers,
+    then `serve shutdown` and the cluster's processes stopped: ours only, not by name as `ray stop` would (other
+    Ray clusters may share the machine)."""
+    import psutil
+    import requests
+    import torch
+    import yaml
+
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.model import DynRefer
+
+    torch.manual_seed(3)
+    save_pretrained(DynRefer(tiny_cfg), str(tmp_path / "export"))
+    with open(os.path.join(REPO, "configs", "serve", "local.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["http_options"]["port"] = http_port = free_port()
+    spec["applications"][0]["args"]["model"] = str(tmp_path / "export")
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    bin_dir = os.path.dirname(sys.executable)  # the venv's ray and serve
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # Its own temp dir (short: Unix socket paths under it must stay < 108 bytes): `ray start` records its address
+    # there, which every later ray.init() on the machine would otherwise try to join.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", "0",
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", dashboard.rsplit(":", 1)[1], "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster: list = []
+
+    def serve_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([os.path.join(bin_dir, "serve"), *args, "-a", dashboard], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    def answers(url: str):
+        try:
+            return requests.get(url, timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(lambda: answers(dashboard + "/api/version"), 120, "the Ray dashboard", every_s=0.5)
+        cluster[:] = psutil.Process(head.pid).children(recursive=True)
+        deployed = serve_cli("deploy", str(tmp_path / "serve.yaml"))
+        assert deployed.returncode == 0, deployed.stderr
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: answers(base + "/healthz"), 180, "the deployed app", every_s=1)
+        r = requests.post(base + "/v1/regions", files={"image": ("a.png", picture(), "image/png")},
+                          data={"boxes": json.dumps(BOXES)}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [g["box"] for g in r.json()["regions"]] == BOXES
+        status = yaml.safe_load(serve_cli("status").stdout)
+        assert status["applications"]["dynrefer"]["status"] == "RUNNING"
+        assert set(status["applications"]["dynrefer"]["deployments"]) == {"Ingress", "Preprocess", "Predictor"}
+    finally:
+        try:
+            assert serve_cli("shutdown", "-y").returncode == 0
+        finally:
+            if head.poll() is None:
+                cluster += psutil.Process(head.pid).children(recursive=True)
+            head.terminate()  # --block: drains the node and stops the processes it started
+            try:
+                head.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+            _, alive = psutil.wait_procs(cluster, timeout=30)
+            for p in alive:
+                p.kill()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not alive, alive
 
 
 # ------------------------------------------------------------------------------------- the page in Chromium
@@ -586,12 +830,18 @@ def test_page_uploads_an_image_draws_boxes_and_shows_captions(server, tmp_path):
                                  "document.querySelector('#status').dataset.state", 150)
         assert state == "done", browser.js("document.querySelector('#status').textContent")
         shown = browser.js("[...document.querySelectorAll('#results li .caption')].map(e => e.textContent)")
+        recognition = browser.js("[...document.querySelectorAll('#results li .recognition')]"
+                                 ".map(e => e.textContent)")
         shot = tmp_path / "serve-page.png"
         shot.write_bytes(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
     finally:
         browser.close()
     api = post(server, "/v1/regions", json={"image": base64.b64encode(picture()).decode(), "boxes": drawn}).json()
     assert shown == [r["caption"] or "(no caption)" for r in api["regions"]] and len(shown) == 2
+    assert len(recognition) == 2
+    for text, region in zip(recognition, api["regions"]):
+        assert text.startswith(f" [{region['category']['name']} ") and "attributes: " in text
+        assert all(a["name"] in text for a in region["attributes"])
     assert any(r["caption"] for r in api["regions"])
     with Image.open(shot) as img:
         assert img.size[0] >= 640 and len(set(img.convert("RGB").getdata())) > 50

@@ -71,9 +71,9 @@ def test_export_references_weight_paths_instead_of_copying(weights, tmp_path):
     save_pretrained(DynRefer(tiny()), str(tmp_path / "full"))
     small, full = ((tmp_path / d / WEIGHTS_FILE).stat().st_size for d in ("small", "full"))
     assert small < full / 3
-    views = torch.randint(0, 256, (2, 3, 64, 64, 3), dtype=torch.uint8)
+    views, index = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8), torch.arange(6).view(2, 3)
     rois = torch.tensor([[0, 0, 64, 64], [8, 8, 40, 40], [16, 16, 32, 32]], dtype=torch.float).expand(2, 3, 4)
-    assert load_pretrained(str(tmp_path / "small")).predict(views, rois) == model.predict(views, rois)
+    assert load_pretrained(str(tmp_path / "small")).predict(views, index, rois) == model.predict(views, index, rois)
 
 
 @pytest.mark.slow
@@ -91,6 +91,6 @@ def test_weights_and_exports_on_s3(weights, s3_server, tmp_path, monkeypatch):
     assert torch.equal(model.encoder.clip.visual.conv1.weight, weights["clip"].visual.conv1.weight)
     save_pretrained(model, "s3://weights/export", so)
     loaded = load_pretrained("s3://weights/export", so)
-    views = torch.randint(0, 256, (1, 3, 64, 64, 3), dtype=torch.uint8)
+    views, index = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8), torch.arange(3).view(1, 3)
     rois = torch.tensor([[[0, 0, 64, 64], [8, 8, 40, 40], [16, 16, 32, 32]]], dtype=torch.float)
-    assert loaded.predict(views, rois) == model.predict(views, rois)
+    assert loaded.predict(views, index, rois) == model.predict(views, index, rois)
