@@ -60,6 +60,19 @@ def vision_geometry(visual: nn.Module) -> tuple[int, int]:
     return (patch[0] if isinstance(patch, (tuple, list)) else int(patch)), int(width)
 
 
+def pixel_statistics(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's normalisation mean and std (OpenAI CLIP's unless the model names its own).  # (1, 3, 1, 1)"""
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def clip_pixels(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 views (N, S, S, 3) as the normalised float input of a CLIP vision tower.  # (N, 3, S, S)"""
+    x = views.permute(0, 3, 1, 2).to(mean.dtype).div(255.0)
+    return (x - mean) / std
+
+
 class ImageEncoder(nn.Module):
     """CLIP image and text towers, normalising uint8 views itself so that callers pass raw pixels."""
 
@@ -70,10 +83,9 @@ class ImageEncoder(nn.Module):
         self.clip = build_clip(cfg, custom, storage_options)
         self.tokenizer = clip_tokenizer(cfg, custom)
         visual = self.clip.visual
-        mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-        std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        mean, std = pixel_statistics(visual)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.patch_size, self.width = vision_geometry(visual)
         self.text_dim = int((custom or open_clip.get_model_config(cfg.name))["embed_dim"])
         if cfg.freeze:
@@ -88,8 +100,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, views: torch.Tensor) -> ViewFeatures:
         """views: (N, S, S, 3) uint8 -> patch grid (N, C, g, g) and CLS (N, C)."""
-        x = views.permute(0, 3, 1, 2).to(self.mean.dtype).div(255.0)  # (N, 3, S, S)
-        x = (x - self.mean) / self.std
+        x = clip_pixels(views, self.mean, self.std)  # (N, 3, S, S)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):
             out = self.clip.visual.forward_intermediates(
                 x, indices=[self.cfg.layer], intermediates_only=True,

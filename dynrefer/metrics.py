@@ -144,12 +144,13 @@ def ptb_tokenize(texts: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list
 
 
 def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
-                   meteor: MeteorScorer | None = None) -> dict[str, Any]:
+                   meteor: MeteorScorer | None = None, with_meteor: bool = True) -> dict[str, Any]:
     """METEOR and CIDEr of a whole split, as COCO's caption evaluation computes them.
 
     Every region with a non-blank reference is scored; one without a prediction is scored as an empty caption
     and counted in ``missing_predictions``. Predictions without a reference are counted, not scored. ``meteor``
-    lets callers reuse one METEOR process (its start loads a 60 MB paraphrase table).
+    lets callers reuse one METEOR process (its start loads a 60 MB paraphrase table); ``with_meteor=False``
+    scores CIDEr alone (no "meteor" key), for frequent validation during training.
     """
     from pycocoevalcap.cider.cider import Cider
 
@@ -160,13 +161,14 @@ def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hash
         raise ValueError("no region has a reference caption")
     res = ptb_tokenize({k: [predictions.get(k) or ""] for k in ids})
     cider, _ = Cider().compute_score(gts, res)
-    if meteor is None:
+    scores: dict[str, Any] = {}
+    if with_meteor and meteor is None:
         with MeteorScorer() as own:
-            meteor_score, _ = own.score([res[k][0] for k in ids], [gts[k] for k in ids])
-    else:
-        meteor_score, _ = meteor.score([res[k][0] for k in ids], [gts[k] for k in ids])
+            scores["meteor"], _ = own.score([res[k][0] for k in ids], [gts[k] for k in ids])
+    elif with_meteor:
+        scores["meteor"], _ = meteor.score([res[k][0] for k in ids], [gts[k] for k in ids])
     return {
-        "meteor": meteor_score, "cider": float(cider), "regions": len(ids),
+        **scores, "cider": float(cider), "regions": len(ids),
         "missing_predictions": sum(k not in predictions for k in ids),
         "extra_predictions": sum(k not in references for k in predictions),
         "regions_without_reference": len(references) - len(ids),

@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Self
 
 import numpy as np
 import pyarrow as pa
@@ -52,18 +52,24 @@ LOSSES = ("loss", "caption", "tags", "contrastive")
 
 
 @dataclass
-class DataSection:
+class PreparedData:
+    """Which prepared shards a job reads and how Ray Data streams their views (training and pre-training)."""
+
     prepared: list[str] = field(default_factory=list)  # prepare-stage output directories (local or s3://)
     train_split: str = "train"
     val_split: str = "val"
-    max_tags: int = 1000  # tag vocabulary: the most frequent tags of tags.json
-    lm_vocabulary: str = "captions"  # word-level LM: "captions" (the train captions' words) or "model" (as configured)
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: none)
     deterministic: bool = False  # keep Ray Data's order, so a seed fixes every batch (slower)
     decode_workers: int = 2  # concurrent Ray Data tasks that decode images and crop views
     decode_batch: int = 64  # regions per such task
     decode_cpus: float = 0.5
     read_cpus: float = 0.25
+
+
+@dataclass
+class DataSection(PreparedData):
+    max_tags: int = 1000  # tag vocabulary: the most frequent tags of tags.json
+    lm_vocabulary: str = "captions"  # word-level LM: "captions" (the train captions' words) or "model" (as configured)
 
 
 @dataclass
@@ -110,14 +116,14 @@ class FaultSection:
 
 
 @dataclass
-class TrainJob:
-    """Everything a training run needs; a YAML file under configs/train/ gives these keys."""
+class RayTrainJob:
+    """What every Ray Train job here shares (training and encoder pre-training); YAML files give these keys."""
+
+    EXPORT_NAME: ClassVar[str] = "export"  # the export's name under <storage_path>/<name>/
 
     model: str = "tiny"  # configs/model/<name>.yaml or a path
     model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the model config
-    data: DataSection = field(default_factory=DataSection)
-    deepspeed: str = "configs/deepspeed/zero2.json"
-    ddp: bool = False  # plain torch DDP with the same optimizer, schedule and data, for comparison
+    data: PreparedData = field(default_factory=PreparedData)
     precision: str = "fp32"  # fp32 | bf16 (autocast: bf16 matmuls over fp32 weights)
     batch_size: int = 16  # regions per worker per micro-step
     grad_accum: int = 1
@@ -134,16 +140,16 @@ class TrainJob:
     name: str = "dynrefer"  # run name: the same storage_path and name resume
     max_failures: int = 2
     tensorboard_dir: str | None = None  # default: <storage_path>/<name>/tensorboard (a local temp dir for s3)
-    export: str | None = None  # default: <storage_path>/<name>/export
+    export: str | None = None  # default: <storage_path>/<name>/<EXPORT_NAME>
     storage_options: dict[str, Any] = field(default_factory=dict)
     fault: FaultSection = field(default_factory=FaultSection)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "train config") -> "TrainJob":
+    def from_dict(cls, data: dict[str, Any], where: str = "train config") -> Self:
         return _build(cls, data, where)
 
     @classmethod
-    def from_yaml(cls, path: str, **overrides: Any) -> "TrainJob":
+    def from_yaml(cls, path: str, **overrides: Any) -> Self:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         for key, value in overrides.items():
@@ -155,7 +161,7 @@ class TrainJob:
                 node[last] = value
         return cls.from_dict(data, path)
 
-    def absolute(self) -> "TrainJob":
+    def absolute(self) -> Self:
         """Local paths made absolute, so that workers with another working directory find them."""
         def fix(path: str | None) -> str | None:
             return os.path.abspath(path) if path and not storage.is_remote(path) else path
@@ -167,8 +173,6 @@ class TrainJob:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.data.lm_vocabulary not in ("captions", "model"):
-            raise ValueError(f"data.lm_vocabulary must be 'captions' or 'model', got {self.data.lm_vocabulary!r}")
         if not self.data.prepared:
             raise ValueError("data.prepared: give at least one prepare-stage output directory")
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every"):
@@ -181,7 +185,7 @@ class TrainJob:
 
     @property
     def export_uri(self) -> str:
-        return self.export or storage.join(self.run_uri, "export")
+        return self.export or storage.join(self.run_uri, self.EXPORT_NAME)
 
     @property
     def log_dir(self) -> str:
@@ -190,6 +194,20 @@ class TrainJob:
         if storage.is_remote(self.storage_path):
             return os.path.join(tempfile.gettempdir(), "dynrefer-tensorboard", self.name)
         return os.path.join(self.run_uri, "tensorboard")
+
+
+@dataclass
+class TrainJob(RayTrainJob):
+    """Everything a training run needs; a YAML file under configs/train/ gives these keys."""
+
+    data: DataSection = field(default_factory=DataSection)
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    ddp: bool = False  # plain torch DDP with the same optimizer, schedule and data, for comparison
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data.lm_vocabulary not in ("captions", "model"):
+            raise ValueError(f"data.lm_vocabulary must be 'captions' or 'model', got {self.data.lm_vocabulary!r}")
 
 
 @dataclass
@@ -262,6 +280,17 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def resolved_model_config(model: str, overrides: dict[str, Any]) -> DynReferConfig:
+    """A model config with overrides merged in and local weight paths made absolute (workers run elsewhere)."""
+    cfg = DynReferConfig.from_dict(merge(load_config(model).to_dict(), overrides))
+    for section, key in (("encoder", "checkpoint"), ("qformer", "path"), ("language", "path")):
+        part = getattr(cfg, section)
+        path = getattr(part, key)
+        if path and not storage.is_remote(path):
+            setattr(part, key, os.path.abspath(path))
+    return cfg
+
+
 def label_names(column: pa.ChunkedArray) -> list[str]:
     """The distinct non-empty labels of a category column (strings) or attributes column (lists), sorted."""
     values = column.to_pylist()
@@ -273,7 +302,7 @@ def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
     """The model config with the data written in: the tag vocabulary, the train captions' words for a word-level
     LM, and the categories and attributes to recognise (unless the config lists its own)."""
     so = job.storage_options or None
-    cfg = DynReferConfig.from_dict(merge(load_config(job.model).to_dict(), job.model_overrides))
+    cfg = resolved_model_config(job.model, job.model_overrides)
     cfg.tags.vocabulary = tag_vocabulary(job.data.prepared, so, job.data.max_tags)
     if job.data.lm_vocabulary == "captions" and not cfg.language.path:
         cfg.language.vocabulary = caption_words(train_rows["caption"].to_pylist())
@@ -360,40 +389,72 @@ def build_stage_inputs(batch: pa.Table, settings: StageSettings) -> dict[str, np
     return out
 
 
-def datasets(job: TrainJob, cfg: DynReferConfig, prepared_size: int | None, with_val: bool) -> dict[str, Any]:
-    """The train split with views drawn afresh each epoch, and the val slice with the inference-time views."""
+def view_dataset(data: PreparedData, split: str, settings: StageSettings, seed: int,
+                 storage_options: storage.StorageOptions | None, limit: int | None = None) -> Any:
+    """One split of the prepared shards as a Ray Dataset of model inputs (views cropped by the view stage).
+
+    In ``train`` mode the files are read in a seeded random order and each region draws new views every epoch.
+    """
     import ray.data
     from ray.data import FileShuffleConfig
     from ray.data.expressions import random as random_expr
 
-    so = job.storage_options or None
-    fs, _ = arrow_filesystem(job.data.prepared[0], so)
-    paths = [arrow_filesystem(storage.join(p, "regions"), so)[1] for p in job.data.prepared]
-    if cfg.views.train_selection not in ("random", "fixed"):
-        raise ValueError(f"views.train_selection must be 'random' or 'fixed', got {cfg.views.train_selection!r}")
-    mode = "train" if cfg.views.train_selection == "random" else "fixed"
-    stage = StageSettings(views=dataclasses.asdict(cfg.views), size=cfg.image_size, mode=mode, seed=job.seed,
-                          prepared_size=prepared_size, storage_options=job.storage_options or None)
-    d = job.data
-
-    def read(split: str, shuffle: bool) -> Any:
-        return ray.data.read_parquet(
-            paths, filesystem=fs, columns=ROW_COLUMNS + ["split"], num_cpus=d.read_cpus,
-            shuffle=FileShuffleConfig(seed=job.seed) if shuffle else None,
-        ).filter(expr=split_filter(split))
-
-    train = read(d.train_split, shuffle=True).with_column("draw", random_expr(seed=job.seed)).map_batches(
-        build_stage_inputs, fn_kwargs={"settings": stage}, batch_size=d.decode_batch, batch_format="pyarrow",
-        num_cpus=d.decode_cpus, compute=ray.data.TaskPoolStrategy(size=d.decode_workers),
+    fs, _ = arrow_filesystem(data.prepared[0], storage_options)
+    paths = [arrow_filesystem(storage.join(p, "regions"), storage_options)[1] for p in data.prepared]
+    train = settings.mode == "train"
+    ds = ray.data.read_parquet(
+        paths, filesystem=fs, columns=ROW_COLUMNS + ["split"], num_cpus=data.read_cpus,
+        shuffle=FileShuffleConfig(seed=seed) if train else None,
+    ).filter(expr=split_filter(split))
+    if limit is not None:
+        ds = ds.limit(limit)
+    if train:
+        ds = ds.with_column("draw", random_expr(seed=seed))
+    return ds.map_batches(
+        build_stage_inputs, fn_kwargs={"settings": settings}, batch_size=data.decode_batch, batch_format="pyarrow",
+        num_cpus=data.decode_cpus, compute=ray.data.TaskPoolStrategy(size=data.decode_workers),
     )
-    out = {"train": train}
+
+
+def datasets(job: TrainJob, cfg: DynReferConfig, prepared_size: int | None, with_val: bool) -> dict[str, Any]:
+    """The train split with views drawn afresh each epoch, and the val slice with the inference-time views."""
+    so = job.storage_options or None
+    stage = StageSettings(views=dataclasses.asdict(cfg.views), size=cfg.image_size, mode="train", seed=job.seed,
+                          prepared_size=prepared_size, storage_options=so)
+    out = {"train": view_dataset(job.data, job.data.train_split, stage, job.seed, so)}
     if with_val:
         val = dataclasses.replace(stage, mode=cfg.views.selection, references=True)
-        out["val"] = read(d.val_split, shuffle=False).limit(job.eval.max_regions).map_batches(
-            build_stage_inputs, fn_kwargs={"settings": val}, batch_size=d.decode_batch, batch_format="pyarrow",
-            num_cpus=d.decode_cpus, compute=ray.data.TaskPoolStrategy(size=d.decode_workers),
-        )
+        out["val"] = view_dataset(job.data, job.data.val_split, val, job.seed, so, limit=job.eval.max_regions)
     return out
+
+
+def trainer_settings(job: Any) -> dict[str, Any]:
+    """TorchTrainer's scaling, backend and run settings of a job (training or pre-training): the same storage
+    path and name resume; ``max_failures`` restarts from the latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    fs, path = arrow_filesystem(job.storage_path, job.storage_options or None)
+    w = job.workers
+    return {
+        "scaling_config": ScalingConfig(num_workers=w.num, use_gpu=w.use_gpu, resources_per_worker={
+            "CPU": w.cpus, **({"GPU": w.gpus} if w.use_gpu else {})}),
+        "torch_config": TorchConfig(backend="nccl" if w.use_gpu else "gloo"),
+        "run_config": RunConfig(name=job.name, storage_path=path, storage_filesystem=fs,
+                                failure_config=FailureConfig(max_failures=job.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)),
+    }
+
+
+def data_config(data: PreparedData) -> Any:
+    """Ray Train's dataset settings: Ray Data's order kept when the data section asks for determinism."""
+    from ray.train import DataConfig
+
+    if not data.deterministic:
+        return DataConfig()
+    from ray.data import ExecutionOptions
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
 
 
 def run(job: TrainJob, train_fn: Any = None) -> dict[str, Any]:
@@ -401,8 +462,7 @@ def run(job: TrainJob, train_fn: Any = None) -> dict[str, Any]:
 
     ``train_fn`` replaces the per-worker loop (default :func:`train_loop`) with the same datasets and configs.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     job.validate()
     job = job.absolute()
@@ -421,26 +481,12 @@ def run(job: TrainJob, train_fn: Any = None) -> dict[str, Any]:
     log.info("%d train regions (%.1f epochs of %d steps), %d tags, %d LM words, %s", splits[job.data.train_split],
              job.max_steps * per_step / splits[job.data.train_split], job.max_steps, len(cfg.tags.vocabulary),
              len(cfg.language.vocabulary or []), "DDP" if job.ddp else job.deepspeed)
-    fs, path = arrow_filesystem(job.storage_path, so)
-    data = datasets(job, cfg, prepared_size, with_val)
-    execution = None
-    if job.data.deterministic:
-        from ray.data import ExecutionOptions
-
-        execution = ExecutionOptions(preserve_order=True)
-    w = job.workers
     trainer = TorchTrainer(
         train_fn or train_loop,
         train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val,
                            "deepspeed": None if job.ddp else deepspeed_config(job)},
-        scaling_config=ScalingConfig(num_workers=w.num, use_gpu=w.use_gpu,
-                                     resources_per_worker={"CPU": w.cpus, **({"GPU": w.gpus} if w.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo"),
-        run_config=RunConfig(name=job.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)),
-        datasets=data,
-        dataset_config=DataConfig(execution_options=execution) if execution else DataConfig(),
+        datasets=datasets(job, cfg, prepared_size, with_val), dataset_config=data_config(job.data),
+        **trainer_settings(job),
     )
     result = trainer.fit()
     checkpoint = storage.join(job.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
@@ -490,8 +536,7 @@ class DeepSpeedStepper:
 
     def train_step(self, inputs: ModelInputs, device: Any) -> tuple[dict[str, Any], bool]:
         """One micro-batch; returns the detached losses and whether the optimizer stepped."""
-        views, rois = tensors(inputs, device)
-        losses = self.engine(views, rois, inputs.captions, inputs.tags)
+        losses = self.engine(*tensors(inputs, device), inputs.captions, inputs.tags)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(losses["loss"])
         self.engine.step()
@@ -518,14 +563,32 @@ class DeepSpeedStepper:
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint to resume from")
 
 
-class DDPStepper:
-    """The same steps with torch DDP, torch AdamW and DeepSpeed's WarmupCosineLR (so only the engine differs)."""
+def dynrefer_arguments(inputs: ModelInputs, device: Any) -> tuple[Any, ...]:
+    """DynRefer's forward arguments for a batch: views, view index, RoIs, captions, tags."""
+    return (*tensors(inputs, device), inputs.captions, inputs.tags)
 
-    def __init__(self, model: Any, device: Any, job: TrainJob):
+
+def dynrefer_state(model: Any) -> dict[str, Any]:
+    """The tensors a DynRefer checkpoint holds (those of its export)."""
+    from dynrefer.checkpoint import saved_state
+
+    return saved_state(model)
+
+
+class DDPStepper:
+    """The same steps with torch DDP, torch AdamW and DeepSpeed's WarmupCosineLR (so only the engine differs).
+
+    ``arguments`` turns a batch into the model's forward arguments and ``state`` gives the tensors a checkpoint
+    keeps: DynRefer's by default; pre-training passes its own for the CLIP it trains.
+    """
+
+    def __init__(self, model: Any, device: Any, job: Any, arguments: Any = dynrefer_arguments,
+                 state: Any = dynrefer_state):
         import torch
         from deepspeed.runtime.lr_schedules import WarmupCosineLR
         from torch.nn.parallel import DistributedDataParallel
 
+        self.arguments, self.state = arguments, state
         self.model = model.to(device)
         self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         o = job.optimizer
@@ -541,15 +604,14 @@ class DDPStepper:
     def module(self) -> Any:
         return self.model
 
-    def train_step(self, inputs: ModelInputs, device: Any) -> tuple[dict[str, Any], bool]:
+    def train_step(self, inputs: Any, device: Any) -> tuple[dict[str, Any], bool]:
         import torch
 
         boundary = (self.micro + 1) % self.accum == 0
-        views, rois = tensors(inputs, device)
         sync = contextlib.nullcontext() if boundary else self.ddp.no_sync()
         with sync:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                losses = self.ddp(views, rois, inputs.captions, inputs.tags)
+                losses = self.ddp(*self.arguments(inputs, device))
             (losses["loss"] / self.accum).backward()
         self.micro += 1
         if boundary:
@@ -571,11 +633,9 @@ class DDPStepper:
         import torch
         import ray.train
 
-        from dynrefer.checkpoint import saved_state
-
         if ray.train.get_context().get_world_rank() == 0:
             os.makedirs(os.path.join(directory, "ddp"), exist_ok=True)
-            torch.save({"model": saved_state(self.model), "optimizer": self.optimizer.state_dict(),
+            torch.save({"model": self.state(self.model), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, os.path.join(directory, "ddp", "state.pt"))
 
     def load(self, directory: str) -> None:
@@ -589,15 +649,15 @@ class DDPStepper:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def tensors(inputs: ModelInputs, device: Any) -> tuple[Any, Any]:
-    """views (B, V, S, S, 3) uint8 and rois (B, V, 4) float32 as tensors on the device.
+def tensors(inputs: ModelInputs, device: Any) -> tuple[Any, Any, Any]:
+    """views (N, S, S, 3) uint8, view_index (B, V) int64 and rois (B, V, 4) float32 as tensors on the device.
 
     Ray Data hands out read-only arrays; torch needs writable ones, so those are copied.
     """
     import torch
 
-    views, rois = (np.require(a, requirements="W") for a in (inputs.views, inputs.rois))
-    return torch.from_numpy(views).to(device), torch.from_numpy(rois).to(device)
+    arrays = (np.require(a, requirements="W") for a in (inputs.views, inputs.view_index, inputs.rois))
+    return tuple(torch.from_numpy(a).to(device) for a in arrays)
 
 
 def all_mean(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
@@ -613,27 +673,12 @@ def all_mean(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float
     return dict(zip(present, t.tolist()))
 
 
-def caption_tokens(text: str) -> str:
-    """Lowercased words without punctuation, the form CIDEr compares."""
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def cider(predictions: dict[str, str], references: dict[str, list[str]]) -> float:
-    """CIDEr (pycocoevalcap's, document frequencies from this set), times 100 as papers report it."""
-    from pycocoevalcap.cider.cider import Cider
-
-    ids = sorted(predictions)
-    if not ids:
-        return float("nan")
-    gts = {i: [caption_tokens(r) for r in references[i]] for i in ids}
-    res = {i: [caption_tokens(predictions[i])] for i in ids}
-    score, _ = Cider().compute_score(gts, res)
-    return 100.0 * float(score)
-
-
 def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[float, list[tuple[str, str, str]]]:
-    """Captions for this rank's part of the val slice, gathered, scored whole on rank 0 (nan elsewhere)."""
+    """Captions for this rank's part of the val slice, gathered, CIDEr (times 100) of the whole on rank 0 (nan
+    elsewhere)."""
     import torch.distributed as dist
+
+    from dynrefer.metrics import caption_scores
 
     module = stepper.module
     predictions: dict[str, str] = {}
@@ -655,7 +700,7 @@ def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[fl
         predictions.update(p)
         references.update(r)
     examples = [(i, predictions[i], references[i][0]) for i in sorted(predictions)[:3]]
-    return cider(predictions, references), examples
+    return 100.0 * caption_scores(predictions, references, with_meteor=False)["cider"], examples
 
 
 def write_checkpoint(stepper: Any, state: TrainState, cfg: DynReferConfig, metrics: dict[str, Any],
@@ -727,13 +772,14 @@ def build_stepper(job: TrainJob, model: Any, ds_config: dict[str, Any] | None, d
     return DeepSpeedStepper(model, ds_config, "nccl" if device.type == "cuda" else "gloo", job.optimizer.weight_decay)
 
 
-def saved_train_state(checkpoint: Any) -> TrainState | None:
-    """The step counter (and resume history) of a Ray Train checkpoint, without loading any weights."""
+def saved_train_state(checkpoint: Any, cls: type[TrainState] = TrainState) -> TrainState | None:
+    """The step counter (and resume history) of a Ray Train checkpoint, without loading any weights; ``cls`` is
+    the :class:`TrainState` subclass a program checkpoints with."""
     if checkpoint is None:
         return None
     fs, path = checkpoint.filesystem, checkpoint.path
     with fs.open_input_stream(f"{path}/train_state.json") as f:
-        return TrainState(**json.loads(f.read()))
+        return cls(**json.loads(f.read()))
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -861,6 +907,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", help="DeepSpeed JSON under configs/deepspeed/")
     p.add_argument("--ddp", action="store_true", help="plain torch DDP instead of DeepSpeed")
     p.add_argument("--export", help="where to write the exported model")
+    p.add_argument("--encoder-checkpoint", help="open_clip checkpoint of the frozen encoder (overrides the config's)")
     add_ray_args(p)
     add_storage_args(p)
     return p
@@ -873,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config, **{"data.prepared": args.prepared, "storage_path": args.storage_path, "name": args.name,
                         "max_steps": args.max_steps, "workers.num": args.workers, "deepspeed": args.deepspeed,
                         "ddp": True if args.ddp else None, "export": args.export,
+                        "model_overrides.encoder.checkpoint": args.encoder_checkpoint,
                         "storage_options": storage_options_from_args(args) or None})
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     import ray

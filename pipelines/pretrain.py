@@ -1,0 +1,314 @@
+"""Ray Train: contrastive pre-training of the encoder's open_clip model on the prepare stage's region crops.
+
+DynRefer's CLIP is frozen, and the built-in tiny one has no published weights: this program trains it on
+region crops (each region's t=0 view, or as augmentation a randomly drawn larger view) and their captions
+with open_clip's ``ClipLoss``, on a ``TorchTrainer`` with DDP (gloo on CPU, NCCL on GPU, the same code). The
+data pipeline, optimizer, schedule, checkpoints and resume are those of ``pipelines.train``: rerunning with the
+same storage path and name resumes. Held-out region -> caption retrieval on the val split is logged at the
+start and every ``eval.every`` steps. The result is an ordinary open_clip checkpoint (default
+``<storage_path>/<name>/clip.safetensors``) that ``encoder.checkpoint`` of a model config loads.
+
+    python -m pipelines.pretrain --config configs/pretrain/tiny.yaml [--address auto] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+
+from dynrefer import storage
+from dynrefer.batching import ModelInputs
+from dynrefer.config import ViewConfig
+from dynrefer.pretraining import CHECKPOINT_SUFFIXES
+from pipelines.args import add_ray_args, add_storage_args, setup_logging, storage_options_from_args
+from pipelines.train import (DDPStepper, EvalSection, RayTrainJob, StageSettings, TrainState, all_mean, data_config,
+    default_extensions_dir, inject_fault, prepared_view_size, region_table, resolved_model_config, saved_train_state,
+    train_batches, trainer_settings, view_dataset, write_checkpoint)
+
+log = logging.getLogger("dynrefer.pretrain")
+
+METRICS = ("loss", "logit_scale")
+
+
+@dataclass
+class AugmentSection:
+    """Instead of its t=0 view, a region is shown with probability ``larger`` through one larger view, its t drawn
+    from ``candidate_ts`` afresh each time the region is seen (0: t=0 views only)."""
+
+    larger: float = 0.3
+    candidate_ts: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])
+
+
+@dataclass
+class PretrainJob(RayTrainJob):
+    """Everything a pre-training run needs; a YAML file under configs/pretrain/ gives these keys. ``model`` and
+    ``model_overrides`` name the DynRefer model whose encoder is trained (its ``encoder.checkpoint``, if any, is
+    the starting point)."""
+
+    EXPORT_NAME: ClassVar[str] = "clip.safetensors"
+
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    eval: EvalSection = field(default_factory=lambda: EvalSection(every=0, max_regions=512, batch_size=128))
+    name: str = "pretrain"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.augment.larger <= 1.0:
+            raise ValueError(f"augment.larger is a probability, got {self.augment.larger}")
+        if self.augment.larger > 0 and not self.augment.candidate_ts:
+            raise ValueError("augment.candidate_ts: give the t of the larger views (or set augment.larger: 0)")
+        if self.export and not self.export.endswith(CHECKPOINT_SUFFIXES):
+            raise ValueError(f"export {self.export!r}: an open_clip checkpoint name ends with one of "
+                             f"{CHECKPOINT_SUFFIXES}")
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+def stage_settings(job: PretrainJob, size: int, prepared_size: int | None) -> tuple[StageSettings, StageSettings]:
+    """The view stage for training (t=0 plus, with augmentation, one drawn larger view) and for held-out
+    retrieval (the t=0 view alone)."""
+    larger = job.augment.larger > 0
+    views = ViewConfig(num_views=2 if larger else 1, candidate_ts=list(job.augment.candidate_ts) if larger else [])
+    train = StageSettings(views=dataclasses.asdict(views), size=size, mode="train", seed=job.seed,
+                          prepared_size=prepared_size, storage_options=job.storage_options or None)
+    t0 = ViewConfig(num_views=1, candidate_ts=[], fixed_ts=[0.0])
+    return train, dataclasses.replace(train, views=dataclasses.asdict(t0), mode="fixed")
+
+
+def run(job: PretrainJob) -> dict[str, Any]:
+    """Pre-train on the connected Ray cluster; returns a summary (final metrics, checkpoint, exported CLIP)."""
+    from ray.train.torch import TorchTrainer
+
+    job.validate()
+    job = job.absolute()
+    so = job.storage_options or None
+    cfg = resolved_model_config(job.model, job.model_overrides)
+    splits = Counter(region_table(job.data.prepared, so, ["split"])["split"].to_pylist())
+    if not splits.get(job.data.train_split):
+        raise ValueError(f"{job.data.prepared}: no rows of split {job.data.train_split!r} (splits found: "
+                         f"{dict(splits)}); prepare the data with its split labels")
+    with_val = job.eval.every >= 0 and splits.get(job.data.val_split, 0) > 0
+    if job.eval.every >= 0 and not with_val:
+        log.warning("no rows of split %r: held-out retrieval is skipped", job.data.val_split)
+    train, val = stage_settings(job, cfg.image_size, prepared_view_size(job.data.prepared, so))
+    data = {"train": view_dataset(job.data, job.data.train_split, train, job.seed, so)}
+    if with_val:
+        data["val"] = view_dataset(job.data, job.data.val_split, val, job.seed, so, limit=job.eval.max_regions)
+    per_step = job.batch_size * job.grad_accum * job.workers.num
+    train_regions = splits[job.data.train_split]
+    log.info("%d train regions (%.1f epochs of %d steps of at most %d regions), encoder %s", train_regions,
+             job.max_steps * per_step / train_regions, job.max_steps, per_step, cfg.encoder.name)
+    trainer = TorchTrainer(
+        pretrain_loop, train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val},
+        datasets=data, dataset_config=data_config(job.data), **trainer_settings(job),
+    )
+    result = trainer.fit()
+    checkpoint = storage.join(job.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    return {"metrics": result.metrics, "checkpoint": checkpoint, "export": job.export_uri, "run": job.run_uri}
+
+
+# --- the workers --------------------------------------------------------------------------------------------------
+
+def clip_arguments(batch: tuple[np.ndarray, list[str]], device: Any) -> tuple[Any, list[str]]:
+    """The pre-trainer's forward arguments: crops (B, S, S, 3) uint8 on the device, and B captions."""
+    import torch
+
+    crops, captions = batch
+    return torch.from_numpy(np.require(crops, requirements="W")).to(device), captions
+
+
+def pretrainer_state(model: Any) -> dict[str, Any]:
+    """The tensors a pre-training checkpoint keeps: the whole open_clip model."""
+    return model.state_dict()
+
+
+def distinct_batch(inputs: ModelInputs, larger: float, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """One crop per region, reduced to captions that are distinct across every rank's batch (equal sizes)."""
+    import torch.distributed as dist
+
+    from dynrefer.pretraining import distinct_captions, pick_crops
+
+    per_rank: list[Any] = [inputs.captions]
+    rank = 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, inputs.captions)
+        rank = dist.get_rank()
+    keep = distinct_captions(per_rank, rank)
+    crops = pick_crops(inputs.region_views(), larger, rng)[keep]
+    return crops, [inputs.captions[i] for i in keep]
+
+
+def heldout_retrieval(model: Any, shard: Any, batch_size: int, device: Any) -> dict[str, float] | None:
+    """Region -> caption retrieval over the whole val slice: each rank embeds its part, rank 0 scores them all."""
+    import torch
+    import torch.distributed as dist
+
+    from dynrefer.pretraining import retrieval_scores
+
+    images, texts, captions = [], [], []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        inputs = ModelInputs.from_columns(batch)
+        crops = torch.from_numpy(np.require(inputs.region_views()[:, 0], requirements="W")).to(device)
+        image, text = model.embed(crops, inputs.captions)
+        images.append(image.cpu())
+        texts.append(text.cpu())
+        captions += inputs.captions
+    part = (torch.cat(images) if images else None, torch.cat(texts) if texts else None, captions)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    if dist.get_rank() != 0:
+        return None
+    parts = [p for p in parts if p[2]]
+    return retrieval_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                            [c for p in parts for c in p[2]])
+
+
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from dynrefer.config import DynReferConfig
+    from dynrefer.pretraining import ContrastivePretrainer, save_clip
+
+    setup_logging()
+    job = PretrainJob.from_dict(config["job"])
+    cfg = DynReferConfig.from_dict(config["model"])
+    so = job.storage_options or None
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    checkpoint = ray.train.get_checkpoint()
+    state = saved_train_state(checkpoint) or TrainState(mode="ddp")
+    device = ray.train.torch.get_device()
+    torch.manual_seed(job.seed)  # every rank builds the same initial weights
+    model = ContrastivePretrainer(cfg.encoder, so, rank, world)
+    stepper = DDPStepper(model, device, job, arguments=clip_arguments, state=pretrainer_state)
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            stepper.load(directory)
+        state.resumed_from.append(state.step)
+        log.info("rank %d resumed from step %d", rank, state.step)
+    rng = np.random.default_rng([job.seed, rank, state.step])  # which regions show a larger view
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(job.log_dir, purge_step=state.step + 1, flush_secs=10)
+    val = ray.train.get_dataset_shard("val") if config["with_val"] else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        scores = heldout_retrieval(stepper.module, val, job.eval.batch_size, device)
+        if scores is None:
+            return {}
+        if writer is not None:
+            for key, value in scores.items():
+                writer.add_scalar(f"val/{key}", value, step)
+        log.info("step %d: held-out retrieval %s", step, {k: round(v, 4) for k, v in scores.items()})
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    if val is not None and state.step == 0:
+        ray.train.report({"step": 0, **evaluate(0)})
+    batches: Iterator[ModelInputs] = iter(())
+    if state.step < job.max_steps:
+        batches = train_batches(ray.train.get_dataset_shard("train"), job, rank)
+    window: list[dict[str, float]] = []
+    micro: list[dict[str, float]] = []
+    kept: list[int] = []  # distinct captions per micro-batch
+    last_eval = last_checkpoint = state.step
+    step_start = time.perf_counter()
+    for inputs in batches:
+        crops, captions = distinct_batch(inputs, job.augment.larger, rng)
+        losses, stepped = stepper.train_step((crops, captions), device)
+        micro.append({k: float(v) for k, v in losses.items()})
+        kept.append(len(captions))
+        if not stepped:
+            continue
+        state.step += 1
+        samples = int(sum(kept)) * world
+        state.samples += samples
+        mean = all_mean({k: float(np.mean([m[k] for m in micro])) for k in micro[0]}, METRICS)
+        micro, kept = [], []
+        if not all(math.isfinite(v) for v in mean.values()):
+            raise FloatingPointError(f"step {state.step}: non-finite loss {mean}")
+        seconds = time.perf_counter() - step_start
+        metrics = {**mean, "lr": stepper.lr(), "batch": samples, "samples_per_s": samples / seconds}
+        window.append(metrics)
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"train/{key}", value, state.step)
+        final = state.step >= job.max_steps
+        report: dict[str, Any] = {}
+        if val is not None and ((job.eval.every > 0 and state.step - last_eval >= job.eval.every) or final):
+            report.update(evaluate(state.step))
+            last_eval = state.step
+        save = state.step - last_checkpoint >= job.checkpoint_every or final
+        if state.step % job.log_every == 0 or save:
+            report.update({k: float(np.mean([m[k] for m in window])) for k in window[-1]})
+            report.update(step=state.step, samples=state.samples)
+            window = []
+            if rank == 0:
+                log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in report.items()})
+        if save:
+            write_checkpoint(stepper, state, cfg, report, rank, writer)
+            last_checkpoint = state.step
+            inject_fault(job.fault, rank, state.step)
+        elif report:
+            ray.train.report(report)
+        if final:
+            break
+        step_start = time.perf_counter()
+    if rank == 0:
+        save_clip(stepper.module.clip, job.export_uri, so)
+        log.info("open_clip checkpoint written to %s", job.export_uri)
+    if writer is not None:
+        writer.close()
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynrefer pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML under configs/pretrain/")
+    p.add_argument("--prepared", nargs="+", help="prepare-stage output directories (override data.prepared)")
+    p.add_argument("--storage-path", help="checkpoint root, local or s3://")
+    p.add_argument("--name", help="run name (the same storage path and name resume)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--workers", type=int, help="number of training workers")
+    p.add_argument("--export", help="where to write the open_clip checkpoint (.safetensors or .pt)")
+    add_ray_args(p)
+    add_storage_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging()
+    job = PretrainJob.from_yaml(
+        args.config, **{"data.prepared": args.prepared, "storage_path": args.storage_path, "name": args.name,
+                        "max_steps": args.max_steps, "workers.num": args.workers, "export": args.export,
+                        "storage_options": storage_options_from_args(args) or None})
+    import ray
+
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    summary = run(job)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
