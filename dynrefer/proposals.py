@@ -2,8 +2,9 @@
 
 DynRefer's paper captions the boxes of another detector (GRiT). We train our own: a torchvision detector with
 two classes (background and "region"), from scratch, on any corpus of region records (the synthetic one by
-default). Everything is plain torch: :func:`train_step` is what a Ray Train loop calls, :func:`fit` is the
-single-process loop for tests and the demo, and :class:`Proposer` turns a PIL image into scored boxes.
+default). Everything is plain torch: :func:`optimizer_step` (schedule, :func:`train_step`, clipping, update) and
+:func:`augment` are the one training step that :func:`fit`, the single-process loop for tests and the demo, and the
+Ray Train pipeline (``pipelines/proposals.py``) both call; :class:`Proposer` turns a PIL image into scored boxes.
 
 Why FCOS on ResNet-18 by default: trained from scratch on 48 synthetic images at 256 px on 2 CPU cores for 40
 steps of 4 images, torchvision's Faster R-CNN MobileNetV3-Large-FPN trained at 1.2 images/s and its held-out recall
@@ -311,14 +312,15 @@ def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequen
     return losses
 
 
-def _lr_factor(step: int, steps: int, train: ProposalTrainConfig) -> float:
+def lr_factor(step: int, steps: int, train: ProposalTrainConfig) -> float:
+    """Multiplier of ``train.lr`` at ``step`` of ``steps``: linear warmup from 1%, then cosine decay."""
     if step < train.warmup_steps:
         return 0.01 + 0.99 * step / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, steps - train.warmup_steps)
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(model: nn.Module, train: ProposalTrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train: ProposalTrainConfig) -> torch.optim.Optimizer:
     """Weight decay on weights only: decaying norm scales and biases slows from-scratch training."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
@@ -330,6 +332,24 @@ def _optimizer(model: nn.Module, train: ProposalTrainConfig) -> torch.optim.Opti
     raise ValueError(f"train.optimizer: expected 'sgd' or 'adamw', got {train.optimizer!r}")
 
 
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Sequence[torch.Tensor],
+                   targets: Sequence[dict[str, torch.Tensor]], step: int, steps: int, train: ProposalTrainConfig
+                   ) -> dict[str, float]:
+    """One update at ``step`` of ``steps``: the schedule's lr, :func:`train_step`, backward, clipping, step.
+
+    ``model`` may be wrapped (DDP): gradients are averaged by the wrapper during backward. Returns the losses.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = train.lr * lr_factor(step, steps, train)
+    out = train_step(model, images, targets)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.grad_clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
 def load_example(record: dict[str, Any], cfg: ProposalConfig, storage_options: StorageOptions | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One record's image, resized for the detector, and its target in the resized pixels."""
@@ -339,11 +359,27 @@ def load_example(record: dict[str, Any], cfg: ProposalConfig, storage_options: S
     return image_to_tensor(resized), target
 
 
-def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    width = image.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    return image.flip(-1), {**target, "boxes": boxes}
+def load_training_example(record: dict[str, Any], cfg: ProposalConfig, storage_options: StorageOptions | None = None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`load_example` with the image as uint8 (3, H, W): a quarter of the memory, and exact (the floats
+    are bytes / 255). What training keeps or streams; :func:`augment` turns it back into floats."""
+    image, target = load_example(record, cfg, storage_options)
+    return (image * 255).round().to(torch.uint8), target
+
+
+def augment(image: torch.Tensor, target: dict[str, torch.Tensor], rng: np.random.Generator,
+            train: ProposalTrainConfig, device: str | torch.device = "cpu"
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A stored example as the detector trains on it: floats in [0, 1] on ``device``, flipped horizontally with
+    probability ``train.hflip`` (one draw of ``rng``).  # (3, H, W) uint8 -> (3, H, W) float"""
+    image = image.to(device).float() / 255.0
+    target = {k: v.to(device) for k, v in target.items()}
+    if rng.random() < train.hflip:
+        width = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+        image, target = image.flip(-1), {**target, "boxes": boxes}
+    return image, target
 
 
 @dataclass
@@ -375,16 +411,10 @@ def fit(records: Sequence[dict[str, Any]], cfg: ProposalConfig, steps: int,
     if model is None:
         model = build_proposer(cfg, storage_options)
     model.to(device)
-    examples = []
-    for record in records:
-        if "error" in record:
-            continue
-        image, target = load_example(record, cfg, storage_options)
-        examples.append(((image * 255).round().to(torch.uint8), target))  # exact: the floats are bytes / 255
+    examples = [load_training_example(r, cfg, storage_options) for r in records if "error" not in r]
     if not examples:
         raise ValueError("fit: no records to train on")
-    optimizer = _optimizer(model, train)
-    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, train)
     order: list[int] = []
     losses: list[float] = []
     start = time.perf_counter()
@@ -393,23 +423,11 @@ def fit(records: Sequence[dict[str, Any]], cfg: ProposalConfig, steps: int,
         for _ in range(train.batch_size):
             if not order:
                 order = rng.permutation(len(examples)).tolist()
-            image, target = examples[order.pop()]
-            image = image.to(device).float() / 255.0  # (3, H, W)
-            target = {k: v.to(device) for k, v in target.items()}
-            if rng.random() < train.hflip:
-                image, target = _hflip(image, target)
-            batch.append((image, target))
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr * _lr_factor(step, steps, train)
-        out = train_step(model, [b[0] for b in batch], [b[1] for b in batch])
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        optimizer.step()
-        losses.append(float(out["loss"].detach()))
+            batch.append(augment(*examples[order.pop()], rng, train, device))
+        out = optimizer_step(model, optimizer, [b[0] for b in batch], [b[1] for b in batch], step, steps, train)
+        losses.append(out["loss"])
         if log is not None:
-            log(step, {k: float(v.detach()) for k, v in out.items()})
+            log(step, out)
     seconds = time.perf_counter() - start
     return FitResult(Proposer(model, cfg, device), losses, seconds, steps * train.batch_size / seconds)
 

@@ -56,6 +56,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 PIPELINES = {
     "prepare": ("pipelines.prepare", "Ray Data: decode images, compute views and pHASH codes, write Parquet shards"),
+    "pretrain": ("pipelines.pretrain", "Ray Train: contrastive pre-training of the encoder's CLIP on region crops"),
+    "proposals": ("pipelines.proposals", "Ray Train: the class-agnostic proposal model on a VG-layout corpus; export"),
     "train": ("pipelines.train", "Ray Train + DeepSpeed: train DynRefer on prepared shards, checkpoint, resume, export"),
     "demo": ("pipelines.demo", "run the whole system on the built-in synthetic corpus and write demo/report.md"),
     "caption": ("pipelines.caption", "Ray Data batch inference: captions and tags for every prepared region"),
