@@ -23,13 +23,13 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from dynrefer import datasets, storage
 from dynrefer.config import _build
 from dynrefer.preprocess import PrepareConfig, error_row, preprocess_image
 from dynrefer.tags import TagVocabulary
-from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
+from pipelines.args import (add_ray_args, add_storage_args, init_ray, read_job_file, setup_logging,
+                            storage_options_from_args)
 
 log = logging.getLogger("dynrefer.prepare")
 
@@ -65,10 +65,7 @@ class PrepareJob:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any) -> "PrepareJob":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return _build(cls, data, path)
+        return _build(cls, read_job_file(path, overrides), path)
 
 
 def read_records(job: PrepareJob) -> Iterator[dict[str, Any]]:

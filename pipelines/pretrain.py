@@ -31,7 +31,7 @@ from dynrefer import storage
 from dynrefer.batching import ModelInputs
 from dynrefer.config import ViewConfig
 from dynrefer.pretraining import CHECKPOINT_SUFFIXES
-from pipelines.args import add_ray_args, add_storage_args, setup_logging, storage_options_from_args
+from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
 from pipelines.train import (DDPStepper, EvalSection, RayTrainJob, StageSettings, TrainState, all_mean, data_config,
     default_extensions_dir, inject_fault, prepared_view_size, region_table, resolved_model_config, saved_train_state,
     train_batches, trainer_settings, view_dataset, write_checkpoint)
@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config, **{"data.prepared": args.prepared, "storage_path": args.storage_path, "name": args.name,
                         "max_steps": args.max_steps, "workers.num": args.workers, "export": args.export,
                         "storage_options": storage_options_from_args(args) or None})
-    import ray
-
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(args, worker_logs=True)
     summary = run(job)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -29,7 +29,6 @@ from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from dynrefer import storage
 from dynrefer.config import _build
@@ -44,8 +43,11 @@ from dynrefer.proposals import (
     recall,
 )
 from pipelines.args import (
+    absolute,
     add_ray_args,
     add_storage_args,
+    init_ray,
+    read_job_file,
     setup_logging,
     storage_options_from_args,
 )
@@ -119,25 +121,12 @@ class ProposalJob:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any) -> Self:
-        """The YAML file with the non-None ``overrides`` (dotted keys: ``corpus.root``) set."""
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        for key, value in overrides.items():
-            if value is not None:
-                *parents, last = key.split(".")
-                node = data
-                for p in parents:
-                    node = node.setdefault(p, {})
-                node[last] = value
-        return cls.from_dict(data, path)
+        return cls.from_dict(read_job_file(path, overrides), path)
 
     def absolute(self) -> Self:
         """Local paths made absolute, so that workers with another working directory find them."""
-        def fix(path: str | None) -> str | None:
-            return os.path.abspath(path) if path and not storage.is_remote(path) else path
-
-        return dataclasses.replace(self, corpus=dataclasses.replace(self.corpus, root=fix(self.corpus.root)),
-                                   storage_path=fix(self.storage_path), export=fix(self.export))
+        return dataclasses.replace(self, corpus=dataclasses.replace(self.corpus, root=absolute(self.corpus.root)),
+                                   storage_path=absolute(self.storage_path), export=absolute(self.export))
 
     def validate(self) -> None:
         if not self.corpus.root:
@@ -482,11 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                         "max_steps": args.max_steps, "workers.num": args.workers,
                         "workers.use_gpu": True if args.gpu else None, "export": args.export,
                         "storage_options": storage_options_from_args(args) or None})
-    import ray
-
-    # The workers' log lines (steps, recall, checkpoints) are the run's progress display.
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(args, worker_logs=True)
     summary = run(job)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -34,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from dynrefer import storage
 from dynrefer.batching import ModelInputs, build_inputs, load_images, region_rng
 from dynrefer.config import DynReferConfig, ViewConfig, _build, load_config
 from dynrefer.tags import TagVocabulary
-from pipelines.args import add_ray_args, add_storage_args, setup_logging, storage_options_from_args
+from pipelines.args import (absolute, add_ray_args, add_storage_args, init_ray, read_job_file, setup_logging,
+                            storage_options_from_args)
 
 log = logging.getLogger("dynrefer.train")
 
@@ -150,25 +150,14 @@ class RayTrainJob:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides: Any) -> Self:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        for key, value in overrides.items():
-            if value is not None:
-                node = data
-                *parents, last = key.split(".")
-                for p in parents:
-                    node = node.setdefault(p, {})
-                node[last] = value
-        return cls.from_dict(data, path)
+        return cls.from_dict(read_job_file(path, overrides), path)
 
     def absolute(self) -> Self:
         """Local paths made absolute, so that workers with another working directory find them."""
-        def fix(path: str | None) -> str | None:
-            return os.path.abspath(path) if path and not storage.is_remote(path) else path
-
         return dataclasses.replace(
-            self, data=dataclasses.replace(self.data, prepared=[fix(p) for p in self.data.prepared]),
-            storage_path=fix(self.storage_path), tensorboard_dir=fix(self.tensorboard_dir), export=fix(self.export))
+            self, data=dataclasses.replace(self.data, prepared=[absolute(p) for p in self.data.prepared]),
+            storage_path=absolute(self.storage_path), tensorboard_dir=absolute(self.tensorboard_dir),
+            export=absolute(self.export))
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -923,11 +912,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model_overrides.encoder.checkpoint": args.encoder_checkpoint,
                         "storage_options": storage_options_from_args(args) or None})
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
-    import ray
-
-    # The workers' log lines (steps, CIDEr, checkpoints) are the run's progress display; Ray Data's bars are not.
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(args, worker_logs=True)
     summary = run(job)
     print(json.dumps(summary, indent=2, default=str))
     return 0
