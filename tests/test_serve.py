@@ -661,7 +661,7 @@ def test_serve_deploy_of_the_shipped_config_on_a_ray_start_cluster(tmp_path, tin
     with open(os.path.join(REPO, "configs", "serve", "local.yaml")) as f:
         spec = yaml.safe_load(f)
     spec["http_options"]["port"] = http_port = free_port()
-    spec["applications"][0]["args"]["model"] = str(tmp_path / "export")
+    spec["applications"][0]["args"].update(model=str(tmp_path / "export"), proposals=None)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
     dashboard = f"http://127.0.0.1:{free_port()}"
     bin_dir = os.path.dirname(sys.executable)  # the venv's ray and serve
