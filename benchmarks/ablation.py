@@ -37,7 +37,7 @@ INFERENCE = ("fixed", "random", "phash")
 
 @dataclass
 class Variant:
-    name: str
+    name: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     inference: str = "phash"  # fixed | random (drawn per region, seeded) | phash
     trained_as: str | None = None  # reuse another variant's trained model
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/ablation/tiny.yaml")
     p.add_argument("--max-steps", type=int, help="override the steps per variant")
+    p.add_argument("--storage-path", help="override where runs and results go (finished runs there are reused)")
     p.add_argument("--only", action="append", help="run only these variants (repeatable)")
     args = p.parse_args(argv)
     setup_logging()
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ablation = Ablation.from_yaml(args.config)
     if args.max_steps:
         ablation = dataclasses.replace(ablation, max_steps=args.max_steps)
+    if args.storage_path:
+        ablation = dataclasses.replace(ablation, storage_path=args.storage_path)
     variants = {v.name: v for v in ablation.variants}
     chosen = [v for v in ablation.variants if not args.only or v.name in args.only]
 
