@@ -26,6 +26,7 @@ class RegionPrediction:
     tags: list[tuple[str, float]]
     text_scores: dict[str, float] = field(default_factory=dict)
     recognition: Recognition | None = None  # category and attributes, when the config names any
+    caption_score: float | None = None  # the caption's probability under the LM, exp(beam score)
 
 
 class DynRefer(nn.Module):
