@@ -3,7 +3,8 @@
 * Region captioning: METEOR and CIDEr, by pycocoevalcap's own scorers after its PTB tokenizer, as COCO's caption
   evaluation runs them. CIDEr's document frequencies come from the references scored, so a split must be scored
   whole: the mean of per-shard CIDEr scores is a different (wrong) number.
-* Dense captioning: DenseCap's mAP (jcjohnson/densecap ``eval/eval_utils.lua``), see :func:`densecap_map`.
+* Dense captioning: DenseCap's mAP as its evaluator at its head computes it (jcjohnson/densecap
+  ``eval/eval_utils.lua``: 30 (IoU, METEOR) pairs), see :func:`densecap_map`.
 * Attribute detection: OVAD's box mAP, the mean over attributes of each attribute's average precision over the
   regions labelled for it (label -1 is ignored), see :func:`attribute_map`.
 * Region recognition (given boxes): top-1 accuracy and the mean over classes of per-class average precision.
@@ -23,8 +24,15 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 
 DENSECAP_IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-DENSECAP_METEOR_THRESHOLDS = (-1.0, 0.05, 0.1, 0.15, 0.2, 0.25)  # -1: any caption (box detection only)
+#: A hit needs METEOR strictly above the threshold, so 0 asks for a caption sharing something with the reference.
+DENSECAP_METEOR_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)  # detection mAP (the Lua's -1) is apart
 DENSECAP_MERGE_IOU = 0.7
+#: ``none``: a prediction overlapping no ground truth takes nothing; ``lua``: as the reference Lua code, it marks
+#: its image's last merged box as taken (Torch reads index -1 as the last element).
+DENSECAP_COMPAT = ("none", "lua")
+DENSECAP_PROTOCOL = ("DenseCap mAP (jcjohnson/densecap eval_utils.lua at its head): the mean AP over 30 pairs, "
+                     "IoU >= .3 .4 .5 .6 .7 x METEOR > 0 .05 .1 .15 .2 .25; ground truth merged at IoU >= .7; "
+                     "detection mAP (any caption) apart")
 
 
 def _recall_grid() -> np.ndarray:
@@ -226,24 +234,31 @@ def densecap_ap(tp: np.ndarray, num_positives: int) -> float:
 
 
 def _meteor_key(threshold: float) -> str:
-    return "any" if threshold < 0 else f"{threshold:g}"
+    return f"{threshold:g}"
 
 
 def densecap_map(predictions: Sequence[Mapping[str, Any]], ground_truth: Sequence[Mapping[str, Any]],
-                 meteor: MeteorScorer | None = None) -> dict[str, Any]:
-    """DenseCap's dense captioning mAP.
+                 meteor: MeteorScorer | None = None, compat: str = "none") -> dict[str, Any]:
+    """DenseCap's dense captioning mAP, as the reference evaluator computes it at its head.
 
     ``predictions``: ``{image_id, box, caption, score}``; ``ground_truth``: ``{image_id, box, caption}`` (or
-    ``captions``, a list). Boxes are ``[x1, y1, x2, y2]``. As the reference evaluator does: each image's ground truth
-    is merged (:func:`merge_ground_truth`); its predictions, by decreasing score, each take the merged box they
-    overlap most, and one whose box an earlier prediction took is a false positive whatever the thresholds. A
-    prediction is a true positive at (IoU t, METEOR m) when that overlap is >= t and the METEOR of its caption
-    against the box's captions is > m (m = -1: any caption). All predictions are then ranked by score, ties in
-    input order, and :func:`densecap_ap` taken per (t, m). ``map`` is DenseCap's headline, the mean over the
-    25 pairs with m >= 0.05; ``det_map`` the mean over the 5 with m = -1; ``ap`` holds all 30. METEOR is computed
-    in one batched call, only for predictions that can be a true positive. Unlike the Lua code, a prediction
-    that overlaps no box takes none (the Lua marks the image's last box taken, through index -1).
+    ``captions``, a list). Boxes are ``[x1, y1, x2, y2]``. Each image's ground truth is merged
+    (:func:`merge_ground_truth`); its predictions, by decreasing score, each take the merged box they overlap most
+    (the first such box on a tie), and one whose box an earlier prediction took is a false positive whatever the
+    thresholds. A prediction is a true positive at (IoU t, METEOR m) when that overlap is >= t and the METEOR of its
+    caption against the box's captions is > m. All predictions are then ranked by score and :func:`densecap_ap`
+    taken per (t, m). ``map`` is the mean over the 30 pairs m in 0 .. 0.25 (``ap``); ``det_map`` the mean over the
+    5 IoU thresholds of detection AP, any caption (``det_ap``). METEOR is computed in one batched call, only for
+    predictions that can be a true positive.
+
+    Ties in score are broken by input order (a stable sort), both for which prediction takes a box and in the
+    ranking; the Lua code's ``torch.sort`` is not stable beyond a handful of items, so its order on ties is
+    arbitrary. ``compat="lua"`` reproduces the reference's one artifact: a prediction that overlaps no merged box
+    keeps index -1, which Torch reads as the last element, so it marks its image's last merged box as taken (a
+    later prediction on that box is then a false positive). The default (``"none"``) takes no box for it.
     """
+    if compat not in DENSECAP_COMPAT:
+        raise ValueError(f"compat must be one of {DENSECAP_COMPAT}, got {compat!r}")
     gt_by_image: dict[Any, list[Mapping[str, Any]]] = collections.defaultdict(list)
     for g in ground_truth:
         gt_by_image[g["image_id"]].append(g)
@@ -258,19 +273,25 @@ def densecap_map(predictions: Sequence[Mapping[str, Any]], ground_truth: Sequenc
         pred_by_image[p["image_id"]].append(i)
     n = len(predictions)
     scores = np.array([float(p["score"]) for p in predictions], dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"densecap: {int((~np.isfinite(scores)).sum())} predictions have a score that is not finite")
     overlap = np.zeros(n)
     free = np.zeros(n, dtype=bool)
     target: list[list[str] | None] = [None] * n
+    last_box_taken_by_miss = 0
     for image_id, idx in pred_by_image.items():
         boxes, caps = merged.get(image_id, (np.zeros((0, 4)), []))
         if not len(boxes):
             continue
-        order = sorted(idx, key=lambda i: -scores[i])
-        ious = box_iou(np.array([predictions[i]["box"] for i in order], dtype=np.float64), boxes)
+        order = sorted(idx, key=lambda i: -scores[i])  # stable: ties keep input order
+        ious = box_iou(np.array([predictions[i]["box"] for i in order], dtype=np.float64), boxes)  # (P, M)
         taken = np.zeros(len(boxes), dtype=bool)
         for row, i in enumerate(order):
             j = int(np.argmax(ious[row]))
             if ious[row, j] <= 0:
+                if compat == "lua" and not taken[-1]:
+                    taken[-1] = True
+                    last_box_taken_by_miss += 1
                 continue
             overlap[i], free[i], target[i] = ious[row, j], not taken[j], caps[j]
             taken[j] = True
@@ -289,19 +310,24 @@ def densecap_map(predictions: Sequence[Mapping[str, Any]], ground_truth: Sequenc
 
     ranked = np.argsort(-scores, kind="stable")
     table: dict[str, dict[str, float]] = {}
+    detection: dict[str, float] = {}
     for t in DENSECAP_IOU_THRESHOLDS:
-        row_ap = {}
-        for m in DENSECAP_METEOR_THRESHOLDS:
-            tp = free & (overlap >= t) & (meteor_each > m)
-            row_ap[_meteor_key(m)] = densecap_ap(tp[ranked], num_positives)
-        table[f"{t:g}"] = row_ap
-    caption_aps = [v for row in table.values() for k, v in row.items() if k != "any"]
+        located = free & (overlap >= t)
+        detection[f"{t:g}"] = densecap_ap(located[ranked], num_positives)
+        table[f"{t:g}"] = {_meteor_key(m): densecap_ap((located & (meteor_each > m))[ranked], num_positives)
+                           for m in DENSECAP_METEOR_THRESHOLDS}
     return {
-        "map": float(np.mean(caption_aps)), "det_map": float(np.mean([row["any"] for row in table.values()])),
-        "ap": table, "predictions": n, "ground_truth_regions": len(ground_truth),
+        "map": float(np.mean([v for row in table.values() for v in row.values()])),
+        "det_map": float(np.mean(list(detection.values()))), "ap": table, "det_ap": detection,
+        "protocol": DENSECAP_PROTOCOL, "pairs": sum(len(row) for row in table.values()), "compat": compat,
+        "ties": "by input order (stable sort)",
+        "predictions": n, "ground_truth_regions": len(ground_truth),
         "merged_ground_truth_regions": num_positives, "images": len(gt_by_image),
         "predictions_on_images_without_ground_truth": sum(len(v) for k, v in pred_by_image.items()
                                                           if k not in merged),
+        "predictions_overlapping_nothing": int(sum(1 for k, v in pred_by_image.items() if k in merged
+                                                   for i in v if target[i] is None)),
+        "last_box_taken_by_a_miss": last_box_taken_by_miss,
         "meteor_pairs_scored": len(scored),
     }
 
@@ -345,8 +371,46 @@ def attribute_map(scores: np.ndarray, labels: np.ndarray, names: Sequence[str] |
         "attributes_evaluated": len(per), "attributes_without_positives": len(names) - len(per), "ap": per,
     }
     if groups:
-        out["groups"] = {g: float(np.mean(v)) if (v := [per[n] for n in members if n in per]) else float("nan")
-                         for g, members in groups.items()}
+        out["groups"] = group_means(per, groups)
+    return out
+
+
+def group_means(per: Mapping[str, float], groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Each group's mean of the per-attribute APs it has (NaN for a group with none)."""
+    return {g: float(np.mean(v)) if (v := [per[n] for n in members if n in per]) else float("nan")
+            for g, members in groups.items()}
+
+
+OVAD_PROTOCOL = ("OVAD box oracle: every labelled box given; per-attribute AP (average_precision_score) over the "
+                 "boxes labelled 1 or 0 for it (-1 ignored), scores clipped to [0, 1]; mAP the NaN-free mean over "
+                 "attributes with a positive; head/medium/tail from each attribute's freq_set")
+
+
+def ovad_attribute_map(scores: np.ndarray, labels: np.ndarray, vocabulary: Sequence[Mapping[str, Any]]
+                       ) -> dict[str, Any]:
+    """OVAD's box-oracle attribute evaluation: ``scores`` and ``labels`` (boxes, attributes) with columns in
+    ``vocabulary`` order (OVAD's ``attributes`` entries: ``name``, and optionally ``freq_set`` and
+    ``parent_type``).
+
+    As OVAD's evaluator does, scores outside [0, 1] are clipped (counted in ``clipped_scores``), each attribute's
+    AP ranks only the boxes labelled for it, and every mean skips attributes without a positive (NaN-free). The
+    frequency groups (head, medium, tail) and the parent types ("color", "material", ...) get their own means.
+    """
+    names = [str(a["name"]) for a in vocabulary]
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != len(names):
+        raise ValueError(f"scores {scores.shape} must be (boxes, {len(names)} attributes of the vocabulary)")
+    clipped = int((np.isfinite(scores) & ((scores < 0) | (scores > 1))).sum())  # -inf: a box never scored
+    frequency: dict[str, list[str]] = collections.defaultdict(list)
+    types: dict[str, list[str]] = collections.defaultdict(list)
+    for a in vocabulary:
+        if a.get("freq_set"):
+            frequency[str(a["freq_set"])].append(str(a["name"]))
+        if a.get("parent_type"):
+            types[str(a["parent_type"])].append(str(a["name"]))
+    out = attribute_map(np.clip(scores, 0.0, 1.0), labels, names)
+    out.update(frequency_groups=group_means(out["ap"], frequency), type_groups=group_means(out["ap"], types),
+               clipped_scores=clipped, protocol=OVAD_PROTOCOL)
     return out
 
 

@@ -69,7 +69,8 @@ def test_densecap_map_by_hand(meteor):
     out = metrics.densecap_map(dense_predictions("a man riding a horse"), GROUND_TRUTH, meteor=meteor)
     expected = {"0.3": 0.56, "0.4": 0.56, "0.5": 0.34, "0.6": 0.34, "0.7": 0.0}
     for iou, ap in expected.items():
-        assert out["ap"][iou] == pytest.approx(dict.fromkeys(["any", "0.05", "0.1", "0.15", "0.2", "0.25"], ap))
+        assert out["ap"][iou] == pytest.approx(dict.fromkeys(["0", "0.05", "0.1", "0.15", "0.2", "0.25"], ap))
+    assert out["det_ap"] == pytest.approx(expected) and out["pairs"] == 30
     assert out["map"] == pytest.approx(0.36) and out["det_map"] == pytest.approx(0.36)
     assert out["merged_ground_truth_regions"] == 3 and out["predictions_on_images_without_ground_truth"] == 1
     assert out["meteor_pairs_scored"] == 2
@@ -77,9 +78,10 @@ def test_densecap_map_by_hand(meteor):
 
 def test_densecap_meteor_threshold_flips_a_hit(meteor):
     # The third prediction's caption shares no word with its box's caption: METEOR 0, so it is a hit for
-    # "any" (.56 at IoU .3/.4) and a miss from METEOR > .05 on (.34).
+    # detection (.56 at IoU .3/.4) and a miss from METEOR > 0 on (.34): 0 is a threshold, not "any caption".
     out = metrics.densecap_map(dense_predictions("zebra grazing"), GROUND_TRUTH, meteor=meteor)
-    assert out["ap"]["0.3"]["any"] == pytest.approx(0.56)
+    assert out["det_ap"]["0.3"] == pytest.approx(0.56)
+    assert out["ap"]["0.3"]["0"] == pytest.approx(0.34)
     assert out["ap"]["0.3"]["0.05"] == pytest.approx(0.34)
     assert out["ap"]["0.4"]["0.25"] == pytest.approx(0.34)
     assert out["det_map"] == pytest.approx(0.36)
@@ -95,6 +97,111 @@ def test_densecap_merged_ground_truth_is_one_positive(meteor):
     out = metrics.densecap_map(pred, gt, meteor=meteor)
     assert out["merged_ground_truth_regions"] == 1
     assert out["map"] == pytest.approx(1.0) and out["det_map"] == pytest.approx(1.0)
+
+
+# Two images. Image a: two annotations of one car (IoU .9) merge into M1 = [0, 0, 100, 95] with both captions,
+# then M2, the image's last merged box. Image b: one box. 3 positives in all.
+TWO_IMAGES_GT = [
+    {"image_id": "a", "box": [0, 0, 100, 100], "caption": "a red car"},
+    {"image_id": "a", "box": [0, 0, 100, 90], "caption": "a blue bus"},
+    {"image_id": "a", "box": [200, 0, 300, 100], "caption": "a man riding a horse"},
+    {"image_id": "b", "box": [0, 0, 50, 50], "caption": "blue sky"},
+]
+
+
+def two_image_predictions(tie_order=("zebra grazing", "blue sky")):
+    first, second = tie_order
+    return [
+        {"image_id": "a", "box": [600, 600, 700, 700], "caption": "grass", "score": 0.95},  # overlaps nothing
+        {"image_id": "a", "box": [0, 0, 100, 95], "caption": "a blue bus", "score": 0.9},  # M1, IoU 1
+        {"image_id": "a", "box": [200, 0, 255, 100], "caption": "a man riding a horse", "score": 0.8},  # M2, IoU .55
+        {"image_id": "b", "box": [0, 0, 50, 50], "caption": first, "score": 0.7},  # tied; the first takes the box
+        {"image_id": "b", "box": [0, 0, 50, 50], "caption": second, "score": 0.7},
+    ]
+
+
+def densecap_expected(caption_hits, detection_hits):
+    """Worked by hand below: AP at IoU .3/.4/.5 and at .6/.7, for captions (all METEOR thresholds alike) and
+    detection."""
+    caption = dict(zip(["0.3", "0.4", "0.5", "0.6", "0.7"], [caption_hits[0]] * 3 + [caption_hits[1]] * 2))
+    detection = dict(zip(["0.3", "0.4", "0.5", "0.6", "0.7"], [detection_hits[0]] * 3 + [detection_hits[1]] * 2))
+    return caption, detection
+
+
+def check_densecap(out, caption, detection):
+    for iou, ap in caption.items():
+        assert out["ap"][iou] == pytest.approx(dict.fromkeys(["0", "0.05", "0.1", "0.15", "0.2", "0.25"], ap))
+    assert out["det_ap"] == pytest.approx(detection)
+    assert out["map"] == pytest.approx(sum(caption.values()) / 5)
+    assert out["det_map"] == pytest.approx(sum(detection.values()) / 5)
+
+
+def test_densecap_two_images_both_modes(meteor):
+    # Ranked by score (ties in input order): p1 miss (.95), p2 M1 exact (.9), p3 M2 at IoU .55 exact (.8),
+    # p4 b "zebra grazing" (.7, METEOR 0), p5 b "blue sky" (.7, box already taken by p4: a false positive).
+    # AP on DenseCap's 100-point grid, 3 positives (precision at rank k = hits / k):
+    #   hits at ranks 2, 3, 4: recall 1 reached at precision 3/4 -> .75 at every point
+    #   hits at ranks 2, 3:    precision 2/3 up to recall 2/3 (67 points) -> .67 * 2/3
+    #   hits at ranks 2, 4:    precision 1/2 (rank 2 and rank 4) up to recall 2/3 -> .67 * 1/2 = .335
+    #   hit at rank 2 alone:   precision 1/2 up to recall 1/3 (34 points) -> .17
+    # Default mode: p3 is a hit up to IoU .5; p4 is a hit for detection only (METEOR 0 is not > 0).
+    out = metrics.densecap_map(two_image_predictions(), TWO_IMAGES_GT, meteor=meteor)
+    check_densecap(out, *densecap_expected((0.67 * 2 / 3, 0.17), (0.75, 0.335)))
+    assert out["map"] == pytest.approx(0.336) and out["det_map"] == pytest.approx(0.584)
+    assert out["merged_ground_truth_regions"] == 3 and out["ground_truth_regions"] == 4
+    assert out["predictions_overlapping_nothing"] == 1 and out["last_box_taken_by_a_miss"] == 0
+    assert out["compat"] == "none" and out["pairs"] == 30
+
+    # Lua mode: p1's best-match index stays -1 and marks a's last merged box (M2) taken, so p3 is a false
+    # positive: detection hits at ranks 2, 4 (.335 everywhere), captions at rank 2 alone (.17).
+    lua = metrics.densecap_map(two_image_predictions(), TWO_IMAGES_GT, meteor=meteor, compat="lua")
+    check_densecap(lua, *densecap_expected((0.17, 0.17), (0.335, 0.335)))
+    assert lua["map"] == pytest.approx(0.17) and lua["det_map"] == pytest.approx(0.335)
+    assert lua["last_box_taken_by_a_miss"] == 1
+
+    # Ties: with "blue sky" first in the input, it takes b's box and is a hit for captions too.
+    swapped = metrics.densecap_map(two_image_predictions(("blue sky", "zebra grazing")), TWO_IMAGES_GT,
+                                   meteor=meteor)
+    check_densecap(swapped, *densecap_expected((0.75, 0.335), (0.75, 0.335)))
+    assert swapped["map"] == pytest.approx(0.584)
+    swapped_lua = metrics.densecap_map(two_image_predictions(("blue sky", "zebra grazing")), TWO_IMAGES_GT,
+                                       meteor=meteor, compat="lua")
+    check_densecap(swapped_lua, *densecap_expected((0.335, 0.335), (0.335, 0.335)))
+
+
+def test_densecap_lua_artifact_needs_a_free_last_box(meteor):
+    # The miss comes after the prediction that took M2: the last box is taken already and nothing changes.
+    preds = two_image_predictions()
+    preds[0]["score"] = 0.1
+    # ranks: p2 (.9) hit, p3 (.8) hit up to IoU .5, p4, p5 (.7), p1 (.1) miss
+    # detection: hits at 1, 2, 3 (.3-.5) -> 1.0; hits 1, 3 (.6/.7) -> precision 1 to recall 1/3 (34 points),
+    # 2/3 to recall 2/3 (33 points) -> (34 + 33 * 2/3) / 100 = .56
+    for compat in ("none", "lua"):
+        out = metrics.densecap_map(preds, TWO_IMAGES_GT, meteor=meteor, compat=compat)
+        assert out["det_ap"] == pytest.approx({"0.3": 1.0, "0.4": 1.0, "0.5": 1.0, "0.6": 0.56, "0.7": 0.56})
+        assert out["ap"]["0.3"]["0"] == pytest.approx(0.67) and out["ap"]["0.7"]["0.25"] == pytest.approx(0.34)
+        assert out["last_box_taken_by_a_miss"] == 0
+    with pytest.raises(ValueError, match="compat"):
+        metrics.densecap_map(preds, TWO_IMAGES_GT, meteor=meteor, compat="torch")
+
+
+def test_ovad_box_oracle():
+    vocabulary = [{"id": 0, "name": "color:red", "freq_set": "head", "parent_type": "color"},
+                  {"id": 1, "name": "texture:wet", "freq_set": "tail", "parent_type": "texture"},
+                  {"id": 2, "name": "texture:furry", "freq_set": "tail", "parent_type": "texture"}]
+    labels = np.array([[1, 0, -1], [0, 1, -1], [1, -1, 0], [0, 0, 0]])
+    # scores above 1 are clipped to 1: region 1's 1.5 ties region 0's 1.0 for red
+    scores = np.array([[1.0, 0.2, 0.5], [1.5, 0.7, 0.1], [0.3, 0.9, 0.4], [0.1, 0.6, 0.3]])
+    out = metrics.ovad_attribute_map(scores, labels, vocabulary)
+    # red: a tie of (1, 0) at the top -> precision 1/2 at recall 1/2, then (1) at .3 -> 2/3 at recall 1:
+    # .5 * .5 + .5 * 2/3 = 7/12. wet: region 2 unlabelled, 1 (.7) first of 1, 0, 0 -> 1. furry: no positive.
+    assert out["ap"] == pytest.approx({"color:red": 7 / 12, "texture:wet": 1.0})
+    assert out["map"] == pytest.approx((7 / 12 + 1) / 2)
+    assert out["frequency_groups"] == pytest.approx({"head": 7 / 12, "tail": 1.0})
+    assert out["type_groups"] == pytest.approx({"color": 7 / 12, "texture": 1.0})
+    assert out["clipped_scores"] == 1 and out["attributes_without_positives"] == 1
+    with pytest.raises(ValueError, match="3 attributes"):
+        metrics.ovad_attribute_map(scores[:, :2], labels[:, :2], vocabulary)
 
 
 def test_caption_scores_match_pycocoevalcap(meteor):
