@@ -24,6 +24,7 @@ class EncoderConfig:
     checkpoint: str | None = None  # local path or s3:// URI of an open_clip checkpoint
     layer: int = -1  # transformer block whose patch tokens are used (-2: drop the last block, as BLIP-2)
     freeze: bool = True
+    ln_vision_eps: float = 1e-5  # the separate LayerNorm over the tokens (BLIP-2's ln_vision)
 
 
 @dataclass
@@ -35,12 +36,17 @@ class ViewConfig:
     selection: str = "phash"  # inference: "phash" (greedy over pHASH codes) or "fixed"
     fixed_ts: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     train_selection: str = "random"  # training: "random" (the method: drawn anew per sighting) or "fixed" (ablations)
+    hash: str = "imagehash"  # pHASH codes computed at inference: "imagehash" or "official" (see dynrefer.phash)
 
 
 @dataclass
 class AlignmentConfig:
+    """The official DCNv4 alignment block (see :mod:`dynrefer.alignment`)."""
+
     kernel_size: int = 3
-    offset_groups: int = 4
+    groups: int = 4  # DCNv4 groups: each samples C / groups channels with its own offsets and masks
+    dw_kernel_size: int = 3  # the depthwise conv over cat[view, reference] that predicts offsets and masks
+    offset_scale: float = 1.0
     enabled: bool = True
 
 
@@ -54,15 +60,24 @@ class QFormerConfig:
     cross_attention_frequency: int = 2
     dropout: float = 0.1
     path: str | None = None  # BLIP-2 Hugging Face directory to initialise from (keys "qformer.*", "query_tokens")
+    freeze_queries: bool = True  # the official code trains the Q-former but keeps BLIP-2's query tokens frozen
 
 
 @dataclass
 class DecoderConfig:
-    """A query-based decoder (tags or contrastive): cross-attention-only layers over the region queries."""
+    """A query-based decoder (tags or contrastive): the official post-LN BERT layers of cross-attention and a
+    feed-forward block (no self-attention) over the region queries."""
 
     dim: int = 256
     num_layers: int = 2
     num_heads: int = 4
+    intermediate_size: int | None = None  # feed-forward width; None: 4 * dim (the official 1024)
+    dropout: float = 0.1  # on attention probabilities and both residual branches, as BERT
+    layer_norm_eps: float = 1e-12
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.dim
 
 
 @dataclass
@@ -82,16 +97,27 @@ class ContrastiveConfig:
     init_logit_bias: float = -10.0
 
 
+def _ovad_templates() -> dict[str, list[str]]:
+    return {"is": ["the {attr} {noun}", "the {noun} is {attr}"],
+            "has": ["the {attr} {dobj} {noun}", "the {noun} has {attr} {dobj}"]}
+
+
+def _ovad_synonyms() -> dict[str, list[str]]:
+    return {"young/baby": ["kid", "kids", "child", "toddler", "boy", "girl"], "adult/old/aged": ["teen", "elder"]}
+
+
 @dataclass
 class RecognitionConfig:
-    """Open-vocabulary recognition through the contrastive head, as the paper does it: class prompts give each
-    region a category, attribute prompts its attributes. Empty lists turn it off; the training pipeline fills
-    them from the data's categories and attributes."""
+    """Open-vocabulary recognition through the contrastive head, with the official prompts (see
+    :mod:`dynrefer.recognition`). Empty lists turn it off; the training pipeline fills them from the data."""
 
     categories: list[str] = field(default_factory=list)
-    attributes: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # OVAD names ("type:syn1/syn2") or plain words
     category_prompt: str = "the {category}"
-    attribute_prompt: str = "the {attribute} object"
+    attribute_templates: dict[str, list[str]] = field(default_factory=_ovad_templates)  # by kind: "is" / "has"
+    attribute_kinds: dict[str, str] = field(default_factory=dict)  # attribute -> "has"; the rest are "is"
+    attribute_synonyms: dict[str, list[str]] = field(default_factory=_ovad_synonyms)  # extra synonyms, by list
+    attribute_noun: str = ""  # the {noun} of the templates: empty in the official code
     attribute_threshold: float = 0.5  # attributes reported per region: probability at least this
 
 
@@ -103,13 +129,16 @@ class LanguageConfig:
     arch: dict[str, Any] | None = None  # transformers config dict (model_type, sizes) for random init
     vocabulary: list[str] | None = None  # word list for a built-in word-level tokenizer when no path is given
     freeze: bool = True
-    max_text_len: int = 32
+    dense_act_fn: str | None = None  # set on a loaded LM's config; the official Flan-T5 uses "gelu"
+    max_text_len: int = 32  # tokens of the control string and of the caption target, EOS included
     num_beams: int = 2
     max_new_tokens: int = 20
+    min_length: int = 1
+    length_penalty: float = 0.0  # the official setting: beams ranked by summed log-probability
     repetition_penalty: float = 1.5
     control_words: bool = True
-    drop_all_tags: float = 0.5
-    drop_each_tag: float = 0.5
+    drop_all_tags: float = 0.5  # training: no control words at all with this probability
+    drop_each_tag: float = 0.5  # training: otherwise each control word dropped with this probability
 
 
 @dataclass
