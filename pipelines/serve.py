@@ -25,6 +25,8 @@ import binascii
 import dataclasses
 import json
 import logging
+import math
+import re
 import signal
 import sys
 import threading
@@ -37,12 +39,15 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynrefer import storage
 from dynrefer.config import DynReferConfig, _build
+from dynrefer.proposal_filter import keep_proposals
 from dynrefer.views import validate_box
 
 log = logging.getLogger("dynrefer.serve")
@@ -181,12 +186,57 @@ MULTIPART_TYPES = ("multipart/form-data",)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp", "image/tiff", "image/bmp")
 
 
-def content_type(header: str | None) -> tuple[str, dict[str, str]]:
-    """(media type, parameters) of a Content-Type header; ("", {}) when absent."""
+def content_type(header: str | None) -> tuple[str, dict[str, str | tuple[str, str, str]]]:
+    """(media type, parameters) of a Content-Type header; ("", {}) when absent.
+
+    A parameter written the RFC 2231 way (``boundary*=utf-8''abc``) stays the (charset, language, value) tuple
+    the email package parses it into, so that callers can tell it from a plain one and refuse it.
+    """
     if not header:
         return "", {}
     msg = HeaderParser().parsestr(f"Content-Type: {header}\r\n\r\n")
     return msg.get_content_type() if msg.get("content-type") else "", dict(msg.get_params()[1:] or [])
+
+
+#: RFC 2046 section 5.1.1: 1 to 70 characters from this set, not ending in a space.
+BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
+def multipart_boundary(params: dict[str, Any]) -> str:
+    """The boundary parameter of a multipart Content-Type, or a 400 saying why it is unusable."""
+    boundary = params.get("boundary")
+    if isinstance(boundary, tuple):
+        raise RequestError(400, "bad_request", "multipart/form-data: the boundary must be a plain parameter "
+                                               "(boundary=...), not RFC 2231-encoded (boundary*=...)")
+    if not boundary:
+        raise RequestError(400, "bad_request", "multipart/form-data without a boundary parameter")
+    if not BOUNDARY.fullmatch(boundary):
+        raise RequestError(400, "bad_request", f"multipart boundary {clip_text(boundary)!r} is not 1-70 characters "
+                                               f"of the set RFC 2046 allows")
+    return boundary
+
+
+def clip_text(value: Any, limit: int = 60) -> str:
+    """A client's value as short text for error messages (at most ``limit`` characters, and cheap to make)."""
+    text = value if isinstance(value, str) else _short_repr(value, limit)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    """``repr`` of JSON data, cut early: a client's list may be megabytes long or nested hundreds deep."""
+    if isinstance(value, list):
+        out = "["
+        for i, v in enumerate(value):
+            if len(out) > limit:
+                return out + "..."
+            out += ("" if i == 0 else ", ") + _short_repr(v, limit - len(out))
+        return out + "]"
+    if isinstance(value, dict):
+        return f"{{...{len(value)} keys}}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_content_type(header: str | None) -> str:
@@ -195,8 +245,8 @@ def check_content_type(header: str | None) -> str:
     if media in JSON_TYPES + MULTIPART_TYPES + IMAGE_TYPES:
         return media
     raise RequestError(415, "unsupported_media_type",
-                       f"Content-Type {header or '(none)'!r} is not accepted; send application/json (base64 "
-                       f"'image'), multipart/form-data (an 'image' file part) or the image bytes as one of "
+                       f"Content-Type {clip_text(header or '(none)')!r} is not accepted; send application/json "
+                       f"(base64 'image'), multipart/form-data (an 'image' file part) or the image bytes as one of "
                        f"{', '.join(IMAGE_TYPES)}")
 
 
@@ -205,7 +255,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise RequestError(400, "bad_request", f"Content-Length {declared!r} is not a byte count")
+            raise RequestError(400, "bad_request", f"Content-Length {clip_text(declared)!r} is not a byte count")
         if int(declared) > limit:
             raise RequestError(413, "body_too_large", f"request body is {int(declared)} bytes; the limit is {limit}")
     chunks, size = [], 0
@@ -235,10 +285,16 @@ def split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], st
 
 
 def _json_field(name: str, text: str) -> Any:
+    """Parse a client's JSON text; anything the parser refuses (syntax, an integer beyond Python's digit limit,
+    nesting deeper than the recursion limit) is a 400."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(400, "bad_request", f"{name}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise RequestError(400, "bad_request", f"{name}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise RequestError(400, "bad_request", f"{name}: JSON value refused ({clip_text(str(e), 120)})") from None
 
 
 def decode_base64(value: Any) -> bytes:
@@ -261,11 +317,20 @@ def check_boxes(boxes: Any, limits: Limits) -> list[list[float]] | None:
         raise RequestError(422, "bad_box", "boxes: expected a list of [x1, y1, x2, y2]")
     if len(boxes) > limits.max_boxes:
         raise RequestError(422, "too_many_boxes", f"{len(boxes)} boxes; the limit is {limits.max_boxes} per request")
+    out = []
     for i, b in enumerate(boxes):
         if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                              for v in b)):
-            raise RequestError(422, "bad_box", f"boxes[{i}] {b!r}: expected 4 numbers (x1, y1, x2, y2)")
-    return [[float(v) for v in b] for b in boxes]
+            raise RequestError(422, "bad_box", f"boxes[{i}] {clip_text(b)}: expected 4 numbers (x1, y1, x2, y2)")
+        try:
+            box = [float(v) for v in b]
+        except OverflowError:  # an integer of 309+ digits has no float
+            box = [math.inf]
+        if not all(map(math.isfinite, box)):
+            raise RequestError(422, "bad_box", f"boxes[{i}] {clip_text(b)}: coordinates must be finite numbers of "
+                                               f"pixels")
+        out.append(box)
+    return out
 
 
 def check_texts(texts: Any, limits: Limits) -> list[str]:
@@ -302,13 +367,12 @@ def parse_payload(header: str | None, body: bytes, limits: Limits) -> Payload:
         return Payload(decode_base64(doc["image"]), check_boxes(doc.get("boxes"), limits),
                        check_texts(doc.get("texts"), limits))
     if media in MULTIPART_TYPES:
-        if not params.get("boundary"):
-            raise RequestError(400, "bad_request", "multipart/form-data without a boundary parameter")
         fields: dict[str, bytes] = {}
-        for disposition, _, data in split_multipart(body, params["boundary"]):
+        for disposition, _, data in split_multipart(body, multipart_boundary(params)):
             name = disposition.get("name")
             if name not in ("image", "boxes", "texts"):
-                raise RequestError(422, "bad_request", f"unknown form field {name!r}; known: image, boxes, texts")
+                raise RequestError(422, "bad_request", f"unknown form field {clip_text(name)!r}; known: image, "
+                                                       f"boxes, texts")
             if name in fields:
                 raise RequestError(422, "bad_request", f"form field {name!r} given twice")
             fields[name] = data
@@ -317,7 +381,7 @@ def parse_payload(header: str | None, body: bytes, limits: Limits) -> Payload:
         boxes = _json_field("boxes", fields["boxes"].decode(errors="replace")) if "boxes" in fields else None
         texts = _json_field("texts", fields["texts"].decode(errors="replace")) if "texts" in fields else None
         return Payload(fields["image"], check_boxes(boxes, limits), check_texts(texts, limits))
-    raise RequestError(415, "unsupported_media_type", f"Content-Type {header!r} is not accepted")
+    raise RequestError(415, "unsupported_media_type", f"Content-Type {clip_text(header)!r} is not accepted")
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
@@ -353,15 +417,6 @@ def image_status(reason: str) -> int:
     return 413 if reason == "too_large" else 422
 
 
-def proposal_boxes(proposed: Sequence[tuple[Sequence[float], float]], min_score: float, max_regions: int
-                   ) -> tuple[list[list[float]], list[float]]:
-    """The best ``max_regions`` proposals scoring at least ``min_score``, best first; boxes without area (a
-    detector, untrained above all, proposes some) are dropped, as the client did not send them."""
-    kept = sorted(((float(s), [float(v) for v in b]) for b, s in proposed
-                   if float(s) >= min_score and b[2] > b[0] and b[3] > b[1]), key=lambda p: -p[0])[:max_regions]
-    return [b for _, b in kept], [s for s, _ in kept]
-
-
 def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[str], model_cfg: DynReferConfig,
                     mode: str, limits: Limits, proposer: Any = None, dense: Dense | None = None) -> Prepared:
     """Decode once, then every region's views and pHASH codes (as batch jobs do), then the chosen views' pixels."""
@@ -383,9 +438,9 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
         if proposer is None:
             return failure(RequestError(422, "bad_box", "boxes: missing"))
         dense = dense or Dense()
-        boxes, found = proposal_boxes(proposer.propose(image), dense.min_score, min(dense.max_regions,
-                                                                                   limits.max_boxes))
-        scores, source = list(found), "proposals"
+        kept = keep_proposals(proposer.propose(image), width, height, dense.min_score,
+                              min(dense.max_regions, limits.max_boxes))
+        boxes, scores, source = [b for b, _ in kept], [s for _, s in kept], "proposals"
     else:
         scores = [None] * len(boxes)
     bad = []
@@ -513,6 +568,7 @@ class RegionOut(BaseModel):
     box: list[float]
     score: float | None = None
     caption: str
+    caption_score: float | None = None  # the caption's probability under the LM; null until the model gives one
     tags: list[TagScore]
     text_scores: dict[str, float]
     category: LabelScore | None = None  # null when the model has no recognition categories
@@ -565,6 +621,7 @@ def recognition_results(rec: Any) -> dict[str, Any]:
 
 def region_results(prepared: Prepared, preds: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"index": i, "box": [round(v, 2) for v in box], "score": score, "caption": p.caption,
+             "caption_score": None if getattr(p, "caption_score", None) is None else round(float(p.caption_score), 6),
              "tags": [{"tag": t, "score": round(s, 4)} for t, s in p.tags],
              "text_scores": {t: round(s, 6) for t, s in p.text_scores.items()},
              **recognition_results(p.recognition),
@@ -607,8 +664,16 @@ async def guarded(work: Callable[[str], Awaitable[Any]], request_id: str | None 
     return result if isinstance(result, Response) else JSONResponse(result)
 
 
+#: Request ids taken from clients: a short token of these characters (a UUID, a trace id); others get a fresh one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
 def request_id(request: Request) -> str | None:
-    return request.headers.get("x-request-id")
+    """The client's X-Request-ID when it is a sane id, else None (a fresh one is drawn): the id is echoed in the
+    body and written to the logs, so 8 KB of markup must not be. Serve's proxy still copies the raw header onto
+    the response; that header is the proxy's, not the app's."""
+    value = request.headers.get("x-request-id")
+    return value if value is not None and REQUEST_ID.fullmatch(value) else None
 
 
 async def bounded(response: Any, timeout_s: float, what: str, upstream: Sequence[Any] = ()) -> Any:
@@ -879,6 +944,36 @@ app = FastAPI(title="DynRefer", version="0.1.0",
               description="Region captions, tags and region-text scores (DynRefer, arXiv 2405.16071).")
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 504)}
+
+#: Error codes for the HTTP errors FastAPI raises itself (no route, wrong method, ...).
+HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
+               413: "body_too_large", 415: "unsupported_media_type", 422: "bad_request"}
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 404/405/...: the same JSON body as every other error (not ``{"detail": ...}``)."""
+    rid = request_id(request) or uuid.uuid4().hex
+    message = exc.detail if isinstance(exc.detail, str) else "request refused"
+    if exc.status_code == 404:
+        message = f"no such endpoint: {request.method} {clip_text(request.url.path)}; see /docs"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {clip_text(request.url.path)}; see /docs"
+    return JSONResponse({"error": HTTP_ERRORS.get(exc.status_code, "http_error"), "message": message,
+                         "request_id": rid}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": "bad_request", "message": "request does not match the API; see /docs",
+                         "request_id": request_id(request) or uuid.uuid4().hex}, status_code=422)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc, request_id(request) or uuid.uuid4().hex)
+
+
+app.add_exception_handler(StarletteHTTPException, http_error)
+app.add_exception_handler(RequestValidationError, validation_error)
+app.add_exception_handler(Exception, internal_error)
 REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": RegionsRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {

@@ -24,10 +24,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dynrefer.config import load_config
+from dynrefer.proposal_filter import keep_proposals
 from dynrefer.views import validate_box
 from pipelines.serve import (
     PAGE, Dense, Limits, Prepared, RegionOut, RegionsResponse, RequestError, bounded, deployment_options, guarded,
-    parse_config, parse_payload, predict_items, prepare_request, proposal_boxes, read_body, region_results,
+    parse_config, parse_payload, predict_items, prepare_request, read_body, region_results,
 )
 
 LIMITS = Limits(max_body_bytes=300_000, max_pixels=250_000, max_boxes=4, max_texts=3, max_text_chars=40)
@@ -131,6 +132,40 @@ def test_payload_refusals_say_what_is_wrong(ctype, body, status, error):
     assert (e.value.status, e.value.error) == (status, error) and e.value.message
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # far past Python's recursion limit
+
+
+def hostile_requests() -> list[tuple[str, str, bytes, int, str]]:
+    """(what, Content-Type, body, status, error) of inputs that crashed the parser with a 500 once."""
+    image = base64.b64encode(picture(32, 32)).decode()
+    long_int = "1" + "0" * 400  # no float has it: OverflowError
+    ctype, deep_form = multipart({"image": picture(32, 32), "boxes": DEEP.decode()})
+    _, plain_form = multipart({"image": picture(32, 32), "boxes": "[[0, 0, 5, 5]]"}, boundary="abc")
+    return [
+        ("400-digit box coordinate", "application/json",
+         f'{{"image": "{image}", "boxes": [[0, 0, {long_int}, 5]]}}'.encode(), 422, "bad_box"),
+        ("5000-digit integer", "application/json",
+         f'{{"image": "{image}", "boxes": [[0, 0, 1{"0" * 5000}, 5]]}}'.encode(), 400, "bad_request"),
+        ("JSON body nested 100k deep", "application/json", DEEP, 400, "bad_request"),
+        ("multipart boxes nested 100k deep", ctype, deep_form, 400, "bad_request"),
+        ("RFC 2231 boundary", "multipart/form-data; boundary*=utf-8''abc", plain_form, 400, "bad_request"),
+        ("infinite coordinate", "application/json", f'{{"image": "{image}", "boxes": [[0, 0, 1e999, 5]]}}'.encode(),
+         422, "bad_box"),
+        ("NaN coordinate", "application/json", f'{{"image": "{image}", "boxes": [[0, NaN, 5, 5]]}}'.encode(), 422,
+         "bad_box"),
+        ("boundary outside RFC 2046", "multipart/form-data; boundary=\"a\u00e9b\"", plain_form, 400, "bad_request"),
+    ]
+
+
+@pytest.mark.parametrize("what,ctype,body,status,error", hostile_requests(), ids=lambda v: v if isinstance(v, str)
+                         and len(v) < 40 else "")
+def test_hostile_numbers_nesting_and_boundaries_are_4xx_with_a_short_message(what, ctype, body, status, error):
+    with pytest.raises(RequestError) as e:
+        parse_payload(ctype, body, LIMITS)
+    assert (e.value.status, e.value.error) == (status, error), what
+    assert 0 < len(e.value.message) < 300, e.value.message  # never the client's megabytes echoed back
+
+
 def test_body_is_refused_by_its_declared_length_before_any_byte_is_read_and_by_its_size_otherwise():
     from starlette.requests import Request
 
@@ -207,8 +242,13 @@ def test_prepare_request_failures_carry_reasons_and_validate_box_messages(tiny_c
 
 def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
     proposed = [([0, 0, 10, 10], 0.2), ([5, 5, 60, 60], 0.9), ([10, 10, 100, 90], 0.5), ([1, 1, 30, 30], 0.6),
-                ([0, 60, 1.5, 60], 0.95)]
-    assert proposal_boxes(proposed, 0.3, 2) == ([[5.0, 5.0, 60.0, 60.0], [1.0, 1.0, 30.0, 30.0]], [0.9, 0.6])
+                ([0, 60, 1.5, 60], 0.95), ([319.5, 10, 320, 50], 0.97), ([10, 10, 10.4, 40], 0.96),
+                ([-20, 230, 40, 260], 0.4)]
+    assert keep_proposals(proposed, 320, 240, 0.3, 2) == [([5.0, 5.0, 60.0, 60.0], 0.9), ([1.0, 1.0, 30.0, 30.0], 0.6)]
+    # every kept box is one validate_box accepts, clipped as it clips
+    kept = keep_proposals(proposed, 320, 240, 0.3, 10)
+    assert [b for b, _ in kept][-1] == [0.0, 230.0, 40.0, 240.0] and len(kept) == 4
+    assert all(validate_box(b, 320, 240).tolist() == b for b, _ in kept)
 
     class FixedProposals:
         """Stands in for a detector: the same boxes for every image."""
@@ -217,8 +257,8 @@ def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
             return proposed
 
     got = prepare_request(picture(), None, [], tiny_cfg, "fixed", LIMITS, FixedProposals(), Dense(min_score=0.3))
-    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5] and got.view_index.shape == (3, 3)
-    assert got.view_ts == [[0.0, 0.5, 1.0]] * 3
+    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5, 0.4] and got.view_index.shape == (4, 3)
+    assert got.view_ts == [[0.0, 0.5, 1.0]] * 4 and got.boxes[-1] == [0.0, 230.0, 40.0, 240.0]
 
 
 @pytest.fixture
@@ -420,6 +460,8 @@ def test_regions_multipart_base64_and_raw_agree(server):
     assert form.headers["X-Request-ID"] == body.request_id
     for region, box in zip(body.regions, BOXES):
         assert region.box == box and isinstance(region.caption, str)
+        assert region.caption_score is None or 0.0 <= region.caption_score <= 1.0
+        assert "caption_score" in form.json()["regions"][0]
         assert sorted(t.tag for t in region.tags) == ["blue", "circle", "red", "striped"]
         assert all(0 <= t.score <= 1 for t in region.tags)
         assert list(region.text_scores) == ["a red square", "a blue circle"]
@@ -490,6 +532,49 @@ def test_bad_requests_get_the_right_4xx_and_a_json_body(server):
     assert r.json()["message"] == str(outside_msg.value)
     assert post(server, "/v1/regions", **form(image, [[50, 50, 40, 80]])).json()["message"].startswith(
         "boxes[0] [50.0, 50.0, 40.0, 80.0]: zero or negative area")
+
+
+@pytest.mark.slow
+def test_hostile_inputs_unknown_routes_and_odd_request_ids_get_json_from_the_app(server):
+    """Every input that once gave a 500 is a JSON 4xx over HTTP; FastAPI's own 404/405 have the same JSON body;
+    a request id that is no sane token (8 KB of markup) is replaced by a fresh one in the body."""
+    import requests
+
+    for what, ctype, body, status, error in hostile_requests():
+        r = post(server, "/v1/regions", data=body, headers={"Content-Type": ctype})
+        assert r.headers["Content-Type"] == "application/json", (what, r.text[:200])
+        assert (r.status_code, r.json()["error"]) == (status, error), (what, r.text[:300])
+        assert len(r.content) < 600 and r.json()["request_id"]
+    for method, path, status, error in [("GET", "/nowhere", 404, "not_found"), ("GET", "/v1/regions", 405,
+                                         "method_not_allowed"), ("DELETE", "/healthz", 405, "method_not_allowed")]:
+        r = requests.request(method, server["base"] + path, timeout=60, headers={"X-Request-ID": "trace-404"})
+        assert r.status_code == status and r.headers["Content-Type"] == "application/json", r.text
+        assert r.json()["error"] == error and r.json()["request_id"] == "trace-404" and r.json()["message"]
+    markup = "<script>alert(1)</script>" + "x" * 8000
+    image = base64.b64encode(picture()).decode()
+    for bad_id in (markup, "a b", "-leading-dash", "x" * 129):
+        r = post(server, "/v1/regions", json={"image": image, "boxes": BOXES[:1]}, headers={"X-Request-ID": bad_id})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["request_id"] != bad_id and len(r.json()["request_id"]) == 32 and "<" not in r.text
+        refused = post(server, "/v1/regions", json={"image": image}, headers={"X-Request-ID": bad_id})
+        assert refused.status_code == 422 and refused.json()["request_id"] != bad_id and "<script" not in refused.text
+    kept = "3f2a9c1e-0b7d-4e5f-9a8b-1c2d3e4f5a6b"
+    assert post(server, "/v1/regions", json={"image": image}, headers={"X-Request-ID": kept}).json()["request_id"] \
+        == kept
+
+
+@pytest.mark.slow
+def test_dense_on_tiny_images_keeps_only_proposals_the_views_accept(dense_server):
+    """On an 8x8 or 1x1 image the detector proposes boxes under a pixel wide; those are no regions, not a 422 about
+    boxes the client never sent."""
+    for size in (8, 1):
+        r = post(dense_server, "/v1/dense", data=flat(size, size), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, (size, r.text[:400])
+        body = RegionsResponse.model_validate(r.json())
+        assert body.source == "proposals" and (body.image.width, body.image.height) == (size, size)
+        for region in body.regions:
+            x1, y1, x2, y2 = region.box
+            assert 0 <= x1 and x2 <= size and x2 - x1 >= 1 and 0 <= y1 and y2 <= size and y2 - y1 >= 1
 
 
 @pytest.mark.slow
