@@ -25,8 +25,10 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import posixpath
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, TypedDict
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
@@ -202,15 +204,62 @@ def _all_split_labels(root: str, storage_options: StorageOptions | None) -> dict
 #: Where VG images may lie under the dataset root, searched in this order.
 VG_IMAGE_DIRS = ("images", "images/VG_100K", "images/VG_100K_2", "VG_100K", "VG_100K_2")
 
+#: Suffixes of the files an image id may name when image_data.json names none (``.jpg`` preferred).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-def _vg_image_files(root: str, storage_options: StorageOptions | None) -> dict[str, str]:
-    """File name -> URI over the known image folders, from one listing per folder (no per-image requests)."""
-    files: dict[str, str] = {}
-    for folder in VG_IMAGE_DIRS:
-        base = storage.join(root, folder)
-        for name in storage.listdir(base, storage_options):
-            files.setdefault(name, storage.join(base, name))
-    return files
+
+def _url_parts(url: str | None) -> list[str]:
+    """The path components of an image_data ``url`` (``https://.../VG_100K_2/1.jpg`` or ``images/1.png``)."""
+    if not url:
+        return []
+    parts = [unquote(p) for p in urlparse(url).path.split("/")]
+    return [p for p in parts if p and p != "."]
+
+
+class _VGImageFiles:
+    """Finds each image's file from one listing per folder (no per-image requests, which S3 would make slow).
+
+    The folders are :data:`VG_IMAGE_DIRS` plus the folders that relative ``url`` paths of image_data.json name
+    (never above the root). An image's file is the one its url names (the longest tail of the url's path that
+    is a listed file: ``VG_100K_2/1.jpg``, then the base name ``1.jpg``), else a listed ``{image_id}`` file with
+    any image suffix, else ``images/{image_id}.jpg`` (which then fails, at decoding, as missing).
+    """
+
+    def __init__(self, root: str, urls: Iterable[str | None], storage_options: StorageOptions | None):
+        self.root = root
+        folders = dict.fromkeys(VG_IMAGE_DIRS)
+        for url in urls:
+            if url and not urlparse(url).scheme:
+                parts = _url_parts(url)[:-1]
+                if parts and ".." not in parts and not url.startswith("/"):
+                    folders.setdefault("/".join(parts))
+        self.by_path: dict[str, str] = {}  # "images/VG_100K/1.jpg" -> URI
+        self.by_name: dict[str, str] = {}  # "1.jpg" -> URI, the first folder's
+        self.by_stem: dict[str, list[str]] = defaultdict(list)  # "1" -> ["1.jpg", "1.png"]
+        for folder in folders:
+            base = storage.join(root, folder)
+            for name in storage.listdir(base, storage_options):
+                uri = storage.join(base, name)
+                self.by_path[f"{folder}/{name}"] = uri
+                if name not in self.by_name:
+                    self.by_name[name] = uri
+                    stem, suffix = posixpath.splitext(name)
+                    if suffix.lower() in IMAGE_SUFFIXES:
+                        self.by_stem[stem].append(name)
+
+    def find(self, image_id: str, url: str | None) -> str:
+        parts = _url_parts(url)
+        for k in range(len(parts), 1, -1):
+            uri = self.by_path.get("/".join(parts[-k:]))
+            if uri is not None:
+                return uri
+        if parts and parts[-1] in self.by_name:
+            return self.by_name[parts[-1]]
+        names = self.by_stem.get(image_id)
+        if names:
+            best = min(names, key=lambda n: (posixpath.splitext(n)[1].lower() != ".jpg", n))
+            return self.by_name[best]
+        return storage.join(self.root, "images", f"{image_id}.jpg")
 
 
 def _vg_objects(root: str, storage_options: StorageOptions | None
@@ -269,8 +318,10 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
     ``{"train": [...], "val": [...], "test": [...]}`` as in DenseCap's ``densecap_splits.json``) or, when only
     ``split`` is given, from ``root/splits/{split}.json``. With ``attributes.json`` (or ``objects.json``) present
     and ``use_objects``, each region takes the name and attributes of the object that best overlaps it
-    (VG links regions to objects only through region graphs, which we do not read). Images are looked up in
-    :data:`VG_IMAGE_DIRS`; a missing one gets ``root/images/{id}.jpg`` and fails later, at decoding.
+    (VG links regions to objects only through region graphs, which we do not read). An image's file is the one
+    its image_data ``url`` names, in any format, else ``{id}`` with any image suffix, looked up in
+    :data:`VG_IMAGE_DIRS` (see :class:`_VGImageFiles`); a missing one gets ``root/images/{id}.jpg`` and fails
+    later, at decoding.
     With ``record_errors``, a malformed entry or region is yielded with an ``"error"`` message instead of raising,
     so that a batch job can count it as an error row and go on.
     """
@@ -281,14 +332,16 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
 
     image_uri = storage.join(root, "image_data.json")
     sizes: dict[str, tuple[int | None, int | None]] = {}
+    urls: dict[str, str | None] = {}
     for i, entry in enumerate(_list(storage.read_json(image_uri, storage_options), image_uri, "top level")):
         image_id = str(_field(entry, ("image_id", "id"), "id", image_uri, f"entry {i}"))
         sizes[image_id] = _size(entry, image_uri, f"image {image_id}")
+        urls[image_id] = _field(entry, "url", "str", image_uri, f"image {image_id}", optional=True)
 
     region_uri = storage.join(root, "region_descriptions.json")
     entries = _list(storage.read_json(region_uri, storage_options), region_uri, "top level")
     objects = _vg_objects(root, storage_options) if use_objects else {}
-    files = _vg_image_files(root, storage_options)
+    files = _VGImageFiles(root, urls.values(), storage_options)
     for i, entry in enumerate(entries):
         try:
             image_id = str(_field(entry, ("id", "image_id"), "id", region_uri, f"entry {i}"))
@@ -318,7 +371,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
             regions.append(make_region(region_id, box, phrase))
         _match_objects([r for r in regions if "error" not in r], objects.get(image_id, []), min_object_iou)
         width, height = sizes.get(image_id, (None, None))
-        file = files.get(f"{image_id}.jpg") or storage.join(root, "images", f"{image_id}.jpg")
+        file = files.find(image_id, urls.get(image_id))
         yield {"image_id": image_id, "file": file, "width": width, "height": height, "regions": regions,
                "split": labels.get(image_id)}
 

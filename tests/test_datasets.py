@@ -115,6 +115,37 @@ def test_visual_genome_densecap_split_file(tmp_path):
         list(read_visual_genome(root, split="bogus", split_file=split_file))
 
 
+def test_visual_genome_finds_the_png_files_image_data_names(tmp_path):
+    """A VG-layout corpus of PNGs (16-bit, palette, RGBA, gray+alpha): each image's file is the one its url names
+    (full VG url, a relative path not named for the id, a url whose .jpg is really a .png), or {id} with any
+    suffix when image_data gives no url; each decodes at its annotated size. Only the absent file is missing."""
+    from vg_png_corpus import IMAGES, MISSING, write_png_corpus
+
+    from dynrefer.imageio import decode_image
+
+    corpus = write_png_corpus(str(tmp_path / "vg"))
+    records = {r["image_id"]: r for r in read_visual_genome(str(tmp_path / "vg"))}
+    assert set(records) == {*IMAGES, MISSING}
+    for image_id, path in corpus["files"].items():
+        record = records[image_id]
+        assert record["file"] == path, image_id
+        with open(record["file"], "rb") as f:
+            assert decode_image(f.read()).size == (record["width"], record["height"])
+        assert len(record["regions"]) == corpus["regions"][image_id] and record["split"] == "test"
+    assert records[MISSING]["file"] == str(tmp_path / "vg" / "images" / f"{MISSING}.jpg")
+    assert not os.path.exists(records[MISSING]["file"])
+
+
+def test_visual_genome_relative_urls_never_reach_above_the_root(tmp_path):
+    root = _dataset(tmp_path, "vg", {"images/1.jpg": (64, 48)})
+    os.makedirs(tmp_path / "outside")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside" / "2.jpg")
+    _edit_json(os.path.join(root, "image_data.json"), lambda d: d[1].update(url="../outside/2.jpg"))
+    files = {r["image_id"]: r["file"] for r in read_visual_genome(root)}
+    assert files["1"] == os.path.join(root, "images", "1.jpg")
+    assert files["2"] == os.path.join(root, "images", "2.jpg")  # not ../outside/2.jpg: missing, as it is
+
+
 @pytest.mark.parametrize("file, edit, message", [
     ("region_descriptions.json", lambda d: d[1]["regions"][0].pop("width"),
      r"region_descriptions\.json: regions\[0\] of image 2: field 'width' missing"),

@@ -219,3 +219,25 @@ def test_killed_job_rerun_writes_only_the_missing_shards(ray_local, tmp_path):
     assert summary["shards_written_now"] == 40 - len(before)
     regions = pq.read_table(os.path.join(out, "regions"))
     assert regions.num_rows == 80 and len(set(regions["region_id"].to_pylist())) == 80
+
+
+@pytest.mark.slow
+def test_a_vg_corpus_of_pngs_is_prepared_whole_and_the_missing_file_has_its_code(ray_local, tmp_path):
+    """16-bit, palette, RGBA and gray+alpha PNGs that image_data.json names by url (or not at all) are all
+    prepared; the one image without a file is an error row with reason code 'missing' beside its message."""
+    from vg_png_corpus import IMAGES, MISSING, write_png_corpus
+
+    from pipelines.prepare import run
+
+    root, out = str(tmp_path / "vg"), str(tmp_path / "out")
+    corpus = write_png_corpus(root)
+    summary = run(job_for(root, out), progress=False)
+    valid = sum(corpus["regions"][i] for i in IMAGES)
+    assert summary["balanced"] and summary["regions"] == valid
+    assert summary["region_errors"] == corpus["regions"][MISSING] and summary["errors_by_reason"] == {"missing": 1}
+    rows = pq.read_table(os.path.join(out, "regions")).to_pylist()
+    assert {r["image_id"] for r in rows} == set(IMAGES)
+    assert {r["file"] for r in rows} == set(corpus["files"].values())
+    [error] = pq.read_table(os.path.join(out, "errors")).to_pylist()
+    assert (error["image_id"], error["reason"], error["stage"]) == (MISSING, "missing", "decode")
+    assert error["message"].endswith("file not found")
