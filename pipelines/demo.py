@@ -125,12 +125,18 @@ class Demo:
         self.summaries["dense"] = storage.read_json(os.path.join(out, "summary.json"))
 
     def evaluate(self) -> None:
-        for name, tasks in (("captions", "caption,attributes,recognition"), ("dense", "dense")):
+        """The test split's own boxes (every task, GT-box dense captioning ranked by caption score, and what the
+        captions say slot by slot) and the proposals' dense captioning, each from its job file."""
+        for name, job in (("captions", "synthetic.yaml"), ("dense", "synthetic_dense.yaml")):
             out = self.path("metrics", name)
-            self.stage("evaluate", os.path.join(out, "metrics.json"), lambda: self.command("pipelines.evaluate", [
-                "--predictions", self.path(name, "captions"), "--prepared", self.path("prepared"),
-                "--split", "test", "--task", tasks, "--out", out]))
-            self.summaries[f"metrics ({name})"] = storage.read_json(os.path.join(out, "metrics.json"))
+            metrics_json = os.path.join(out, "metrics.json")
+            if os.path.exists(metrics_json) and stale_metrics(storage.read_json(metrics_json), config("evaluate", job)):
+                log.info("%s was written by an older evaluation protocol; scoring again", metrics_json)
+                os.remove(metrics_json)
+            self.stage("evaluate", metrics_json, lambda: self.command("pipelines.evaluate", [
+                "--config", config("evaluate", job), "--predictions", self.path(name, "captions"),
+                "--prepared", self.path("prepared"), "--out", out]))
+            self.summaries[f"metrics ({name})"] = storage.read_json(metrics_json)
 
     def serve(self) -> None:
         out = self.path("serve", "responses.json")
@@ -193,6 +199,48 @@ def serve_requests(demo: Demo, images: int = 2) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- report
 
 
+def stale_metrics(result: dict[str, Any], job_file: str) -> bool:
+    """Whether a metrics.json lacks a task its job file asks for, or holds DenseCap mAP of the old 25-pair
+    protocol (before the reference's METEOR > 0 threshold was counted)."""
+    import yaml
+
+    with open(job_file) as f:
+        tasks = yaml.safe_load(f).get("tasks") or []
+    dense = result.get("dense")
+    return any(t not in result for t in tasks) or (dense is not None and dense.get("pairs") != 30)
+
+
+def headline(demo: Demo) -> list[str]:
+    """One table of the numbers that matter, each with its protocol, above the full metrics."""
+    given = demo.summaries.get("metrics (captions)", {})
+    dense = demo.summaries.get("metrics (dense)", {}).get("dense", {})
+    caption, content, gt_dense = given.get("caption", {}), given.get("content", {}), given.get("dense", {})
+    if not (caption or dense):
+        return []
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    slots = content.get("slots", {})
+    rows = [("METEOR / CIDEr (region captioning, the split scored whole)",
+             f"{pct(caption.get('meteor'))} / {pct(caption.get('cider'))}"),
+            ("caption names the right shape / colour / pattern / size",
+             " / ".join(pct(slots.get(s, {}).get("correct")) for s in ("shape", "colour", "pattern", "size"))),
+            ("all four right at once", pct(content.get("all_four"))),
+            ("relation / neighbour right (regions whose reference names one)",
+             f"{pct(slots.get('relation', {}).get('correct'))} / {pct(slots.get('neighbour', {}).get('correct'))}"),
+            ("tags precision / recall", f"{pct(content.get('tags', {}).get('precision'))} / "
+                                        f"{pct(content.get('tags', {}).get('recall'))}"),
+            ("category / attribute (all three) accuracy", f"{pct(content.get('category_accuracy'))} / "
+             f"{pct(content.get('attribute_accuracy', {}).get('all_three'))}"),
+            ("DenseCap mAP, 30 pairs: test boxes ranked by caption score / proposals",
+             f"{pct(gt_dense.get('map'))} / {pct(dense.get('map'))}"),
+            ("detection mAP: test boxes / proposals", f"{pct(gt_dense.get('det_map'))} / {pct(dense.get('det_map'))}")]
+    lines = ["## Headline (split test)", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return lines + ["", f"DenseCap protocol: {dense.get('protocol') or gt_dense.get('protocol', 'n/a')}.", ""]
+
+
 def _table(title: str, rows: dict[str, Any]) -> list[str]:
     lines = [f"### {title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows.items() if not isinstance(v, (dict, list))]
@@ -206,6 +254,7 @@ def write_report(demo: Demo, examples: int = 3) -> str:
     from pipelines.caption import read_captions
 
     lines = ["# DynRefer demo report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{demo.out}`.", ""]
+    lines += headline(demo)
     for name in ("captions", "dense"):
         md = demo.path("metrics", name, "metrics.md")
         if os.path.exists(md):
@@ -290,10 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         report = demo.report()
     finally:
         ray.shutdown()
-    caption = demo.summaries.get("metrics (captions)", {}).get("caption", {})
+    given = demo.summaries.get("metrics (captions)", {})
     dense = demo.summaries.get("metrics (dense)", {}).get("dense", {})
     print(json.dumps({"report": report, "seconds": round(time.perf_counter() - start, 1),
-                      "stage_seconds": demo.timings, "caption": caption, "dense": dense}, indent=2, default=str))
+                      "stage_seconds": demo.timings, "caption": given.get("caption", {}),
+                      "content": {k: v for k, v in given.get("content", {}).items() if k != "protocol"},
+                      "dense (test boxes)": given.get("dense", {}).get("map"), "dense": dense},
+                     indent=2, default=str))
     return 0
 
 
