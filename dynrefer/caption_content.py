@@ -162,8 +162,12 @@ def content_scores(references: Sequence[Mapping[str, Any]], predictions: Mapping
 
     Per slot, ``slots[s]`` is the share of regions whose caption names the right value (``correct``), the share
     naming any value (``named``) and the share of those that are right (``precision``); ``all_four`` is the share
-    with shape, colour, pattern and size all right. Relation and neighbour (colour and shape both right) are
-    shares of the regions whose reference caption names a relation. Tags are micro-averaged over regions against
+    with shape, colour, pattern and size all right, ``all_four_size_optional`` the share with the first three right
+    and the size right or left out. The grammar leaves the size and the relation optional: the corpus's own
+    captions name a size for 57.6% of regions (seed 0, images 1-100, 890 regions), so that is their ``all_four``,
+    while their ``all_four_size_optional`` and every ``precision`` are 100%. Relation and neighbour (colour and
+    shape both right) are shares of the regions whose reference caption names a relation; a model cannot know
+    which those are, so their ``precision`` is the telling figure. Tags are micro-averaged over regions against
     the reference row's ``tags``. Attribute accuracy per slot takes the best-scored attribute of that slot's words
     (from ``attribute_scores``, else the predicted ``attributes`` list).
     """
@@ -174,7 +178,7 @@ def content_scores(references: Sequence[Mapping[str, Any]], predictions: Mapping
     n = len(references)
     correct = dict.fromkeys(REGION_SLOTS + RELATION_SLOTS, 0)
     named = dict.fromkeys(REGION_SLOTS + RELATION_SLOTS, 0)
-    all_four = grammatical = missing = with_relation = 0
+    all_four = size_optional = grammatical = missing = with_relation = 0
     tag_hits = tag_predicted = tag_reference = 0
     category_right = attribute_set_right = 0
     attribute_right = dict.fromkeys(("colour", "pattern", "size"), 0)
@@ -190,6 +194,7 @@ def content_scores(references: Sequence[Mapping[str, Any]], predictions: Mapping
             named[s] += getattr(said, s) is not None
             correct[s] += right[s]
         all_four += all(right.values())
+        size_optional += all(right[s] for s in ("shape", "colour", "pattern")) and (right["size"] or said.size is None)
         if truth.relation is not None:
             with_relation += 1
             named["relation"] += said.relation is not None
@@ -217,6 +222,7 @@ def content_scores(references: Sequence[Mapping[str, Any]], predictions: Mapping
     return {
         "regions": n, "missing_predictions": missing, "regions_with_relation": with_relation,
         "grammatical": _share(grammatical, n), "slots": slots, "all_four": _share(all_four, n),
+        "all_four_size_optional": _share(size_optional, n),
         "tags": {"precision": precision, "recall": recall,
                  "f1": 2 * precision * recall / (precision + recall) if tag_hits else 0.0,
                  "predicted": tag_predicted, "reference": tag_reference},

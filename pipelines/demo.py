@@ -226,7 +226,8 @@ def headline(demo: Demo) -> list[str]:
              f"{pct(caption.get('meteor'))} / {pct(caption.get('cider'))}"),
             ("caption names the right shape / colour / pattern / size",
              " / ".join(pct(slots.get(s, {}).get("correct")) for s in ("shape", "colour", "pattern", "size"))),
-            ("all four right at once", pct(content.get("all_four"))),
+            ("all four right at once / with the size right or left out",
+             f"{pct(content.get('all_four'))} / {pct(content.get('all_four_size_optional'))}"),
             ("relation / neighbour right (regions whose reference names one)",
              f"{pct(slots.get('relation', {}).get('correct'))} / {pct(slots.get('neighbour', {}).get('correct'))}"),
             ("tags precision / recall", f"{pct(content.get('tags', {}).get('precision'))} / "

@@ -56,6 +56,23 @@ def test_every_corpus_caption_parses_to_its_object():
     assert len(seen_relations) >= 4
 
 
+def test_the_corpus_own_captions_score_their_ceiling():
+    # the corpus's captions against their regions' truth: everything they name is right, but the grammar
+    # leaves the size out of some, so all_four is the share naming a size
+    refs, preds = [], {}
+    for image_id in range(1, 9):
+        for o in synth.render_scene(0, image_id)[1]:
+            refs.append({"image_id": str(image_id), "region_id": str(o["object_id"]), "caption": o["caption"],
+                         "category": o["shape"], "attributes": o["attributes"], "tags": []})
+            preds[(str(image_id), str(o["object_id"]))] = {"caption": o["caption"]}
+    out = content_scores(refs, preds)
+    named_size = sum(parse_caption(r["caption"]).size is not None for r in refs) / len(refs)
+    assert 0 < named_size < 1 and out["all_four"] == pytest.approx(named_size)
+    assert out["all_four_size_optional"] == 1.0 and out["grammatical"] == 1.0
+    assert all(v["precision"] == 1.0 for v in out["slots"].values())
+    assert out["slots"]["relation"]["correct"] == 1.0 and out["slots"]["shape"]["correct"] == 1.0
+
+
 def reference(region_id, caption, shape, colour, pattern, size, tags):
     return {"image_id": "1", "region_id": region_id, "caption": caption, "category": shape,
             "attributes": [colour, pattern, size], "tags": tags}
@@ -95,6 +112,7 @@ def test_content_scores_by_hand():
     assert slots["size"]["named"] == pytest.approx(0.5) and slots["size"]["precision"] == pytest.approx(1.0)
     assert slots["colour"]["named"] == pytest.approx(0.75)  # a conflict is named, and wrong
     assert out["all_four"] == pytest.approx(0.25)  # only a
+    assert out["all_four_size_optional"] == pytest.approx(0.25)  # b names no size, but the wrong shape
     # relation: a (left of), c (above, said as "over"); neighbour: a only
     assert slots["relation"] == pytest.approx({"correct": 1.0, "named": 1.0, "precision": 1.0})
     assert slots["neighbour"] == pytest.approx({"correct": 0.5, "named": 1.0, "precision": 0.5})

@@ -247,6 +247,7 @@ def test_content_on_a_synthetic_prediction_file(tmp_path):
     assert {s: v["correct"] for s, v in c["slots"].items()} == pytest.approx(
         {"shape": 0.5, "colour": 1.0, "pattern": 1.0, "size": 1.0, "relation": 1.0, "neighbour": 1.0})
     assert c["all_four"] == pytest.approx(0.5) and c["regions_with_relation"] == 1
+    assert c["all_four_size_optional"] == pytest.approx(0.5)
     # tags: predicted red, heart, blue, cross -> red, blue, cross right (3 of 4); reference 4 + 3 = 7
     assert c["tags"]["precision"] == pytest.approx(3 / 4) and c["tags"]["recall"] == pytest.approx(3 / 7)
     assert c["category_accuracy"] == pytest.approx(0.5)
