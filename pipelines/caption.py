@@ -10,6 +10,11 @@ category and attributes; the driver writes ``captions/shard-NNNNN.{parquet,jsonl
 back, so a killed job, rerun, finishes the missing shards and every region comes out exactly once (as a row or an
 error row).
 
+Error rows carry the message in ``error`` and a short code in ``reason``, the codes the prepare stage writes:
+``missing`` (no such file), ``read_error``, the decoder's ``empty``, ``not_image``, ``corrupt``, ``truncated``,
+``too_large`` and ``unsupported_mode``, ``bad_box``, ``bad_record`` (a malformed annotation entry) and
+``bad_detection`` (a malformed entry of a detections file).
+
     dynrefer caption --model EXPORT --prepared PREPARED --out OUT [--split test] [--views phash|fixed]
     dynrefer caption --model EXPORT --images VG_ROOT|DIR|LIST.txt|COCO.json --proposals PROPOSER --out OUT
     dynrefer caption --model EXPORT --images ... --detections DETECTIONS.json --out OUT [--min-score 0.3]
@@ -40,6 +45,7 @@ from dynrefer.batching import build_inputs, load_images, share_views
 from dynrefer.config import DynReferConfig, _build
 from dynrefer.imageio import ImageError
 from dynrefer.preprocess import PrepareConfig, decode_record, error_row, preprocess_image, region_rows
+from dynrefer.proposal_filter import keep_proposals
 from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
 from pipelines.prepare import read_image_bytes, shard_name
 
@@ -49,10 +55,11 @@ SCORES = pa.map_(pa.string(), pa.float32())
 OUTPUT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("region_id", pa.string()), ("box", pa.list_(pa.float64(), 4)),
     ("score", pa.float64()), ("detection_category_id", pa.string()),
-    ("caption", pa.string()), ("tags", pa.list_(pa.string())), ("tag_scores", pa.list_(pa.float32())),
+    ("caption", pa.string()), ("caption_score", pa.float32()),
+    ("tags", pa.list_(pa.string())), ("tag_scores", pa.list_(pa.float32())),
     ("category", pa.string()), ("category_score", pa.float32()), ("category_scores", SCORES),
     ("attributes", pa.list_(pa.string())), ("attribute_scores", SCORES),
-    ("view_ts", pa.list_(pa.float32())), ("error", pa.string()),
+    ("view_ts", pa.list_(pa.float32())), ("error", pa.string()), ("reason", pa.string()),
 ])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -137,8 +144,8 @@ def image_records(images: str, split: str | None = None, image_root: str | None 
         else:
             files = [storage.join(images, n) for n in sorted(storage.listdir(images, so))
                      if n.lower().endswith(IMAGE_SUFFIXES)]
-        records = [{"image_id": posixpath.splitext(posixpath.basename(f))[0], "file": f, "split": None, "regions": []}
-                   for f in files]
+        records = [{"image_id": image_id, "file": f, "split": None, "regions": []}
+                   for image_id, f in zip(file_ids(files, images), files)]
     if not records:
         raise ValueError(f"{images}: no images" + (f" in split {split!r}" if split else ""))
     seen: dict[str, str] = {}
@@ -148,6 +155,41 @@ def image_records(images: str, split: str | None = None, image_root: str | None 
                              f"{r['file']}")
         seen[r["image_id"]] = r["file"]
     return records
+
+
+def file_ids(files: Sequence[str], source: str = "images") -> list[str]:
+    """Image ids for files named alone (a directory, a list): the name without its suffix, as detections files
+    name them; files that share a stem (``x.jpg``, ``x.png``) are told apart by their whole name, and files that
+    share a name (``a/x.jpg``, ``b/x.jpg``) by as many parent folders as it takes. The same files always get the
+    same ids. A file listed twice is refused."""
+    seen: dict[str, int] = {}
+    for i, f in enumerate(files):
+        if f in seen:
+            raise ValueError(f"{source}: {f} is listed twice (lines {seen[f] + 1} and {i + 1})")
+        seen[f] = i
+    ids = [posixpath.splitext(posixpath.basename(f.rstrip("/")))[0] for f in files]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, image_id in enumerate(ids):
+        groups[image_id].append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        parts = {i: [p for p in files[i].split("/") if p] for i in members}
+        depth = 1
+        while True:
+            names = {i: "/".join(parts[i][-depth:]) for i in members}
+            if len(set(names.values())) == len(members) or depth > max(len(p) for p in parts.values()):
+                break
+            depth += 1
+        for i in members:
+            ids[i] = names[i]
+    taken: dict[str, str] = {}
+    for image_id, f in zip(ids, files):
+        if image_id in taken:  # "x.png" beside a stem "x.png" of "x.png.jpg": too odd to rename silently
+            raise ValueError(f"{source}: image id {image_id!r} names two files: {taken[image_id]} and {f}; rename "
+                             f"one")
+        taken[image_id] = f
+    return ids
 
 
 def _coco_images(uri: str, root: str, so: storage.StorageOptions | None) -> list[dict[str, Any]]:
@@ -209,7 +251,7 @@ def attach_detections(records: list[dict[str, Any]], detections: Any, uri: str, 
         if problem:
             image_id = entry.get("image_id") if isinstance(entry, dict) else None
             errors.append({"image_id": None if image_id is None else str(image_id), "region_id": f"det-{i}",
-                           "message": f"{uri}[{i}]: {problem}"})
+                           "reason": "bad_detection", "message": f"{uri}[{i}]: {problem}"})
             continue
         x, y, w, h = (float(v) for v in entry["bbox"])
         category = entry.get("category_id")
@@ -223,8 +265,9 @@ def attach_detections(records: list[dict[str, Any]], detections: Any, uri: str, 
 
 def propose_shard(proposer: Any, records: list[dict[str, Any]], job: CaptionJob) -> list[dict[str, Any]]:
     """The records with their proposed regions (best first, after ``min_score`` and ``max_regions``); an
-    unreadable image keeps none (the next stage turns it into its error row). Proposals less than a pixel wide or
-    high after the detector's clipping are no regions and are not kept."""
+    unreadable image keeps none (the next stage turns it into its error row). Proposals with less than a pixel
+    inside the image are no regions and are not kept (:func:`dynrefer.proposal_filter.keep_proposals`, the rule
+    Serve applies too)."""
     so = job.storage_options or None
     prep = PrepareConfig()
     for start in range(0, len(records), job.batch_size):
@@ -239,11 +282,10 @@ def propose_shard(proposer: Any, records: list[dict[str, Any]], job: CaptionJob)
             if image is not None:
                 decoded.append((record, image))
         proposed = proposer.propose_batch([image for _, image in decoded]) if decoded else []
-        for (record, _), boxes in zip(decoded, proposed):
-            candidates = [{"region_id": f"{record['image_id']}-p{k}", "box": [float(v) for v in box],
-                           "score": float(score), "detection_category_id": None}
-                          for k, (box, score) in enumerate(boxes) if box[2] - box[0] >= 1 and box[3] - box[1] >= 1]
-            record["regions"] = select_regions(candidates, job.min_score, job.max_regions)
+        for (record, image), boxes in zip(decoded, proposed):
+            kept = keep_proposals(boxes, *image.size, job.min_score, job.max_regions)
+            record["regions"] = [{"region_id": f"{record['image_id']}-p{k}", "box": box, "score": score,
+                                  "detection_category_id": None} for k, (box, score) in enumerate(kept)]
     return records
 
 
@@ -282,11 +324,13 @@ def input_batch(rows: Sequence[dict[str, Any]], images: dict[str, Image.Image], 
             "box": np.array([r["box"] for r in rows], dtype=np.float64).reshape(n, 4),
             "score": np.array([np.nan if r.get("score") is None else r["score"] for r in rows], dtype=np.float64),
             "detection_category_id": _column([r.get("detection_category_id") for r in rows]),
-            "views": inputs.region_views(), "rois": inputs.rois, "ts": inputs.ts, "error": _column([""] * n)}
+            "views": inputs.region_views(), "rois": inputs.rois, "ts": inputs.ts, "error": _column([""] * n),
+            "reason": _column([None] * n)}
 
 
 def error_batch(errors: Sequence[dict[str, Any]], cfg: DynReferConfig, base: dict[str, Any]) -> dict[str, Any]:
-    """Rows that reach no model: ``{"image_id", "region_id", "message"}`` each, with a box when one is known.
+    """Rows that reach no model: ``{"image_id", "region_id", "reason", "message"}`` each, with a box when one is
+    known.
 
     A row with an empty message is an image without regions: it only tells the driver the image is done."""
     n, v, size = len(errors), cfg.views.num_views, cfg.image_size
@@ -297,7 +341,8 @@ def error_batch(errors: Sequence[dict[str, Any]], cfg: DynReferConfig, base: dic
             "score": np.array([np.nan if e.get("score") is None else e["score"] for e in errors], dtype=np.float64),
             "detection_category_id": _column([e.get("detection_category_id") for e in errors]),
             "views": np.zeros((n, v, size, size, 3), dtype=np.uint8), "rois": np.zeros((n, v, 4), dtype=np.float32),
-            "ts": np.zeros((n, v), dtype=np.float32), "error": _column([e["message"] for e in errors])}
+            "ts": np.zeros((n, v), dtype=np.float32), "error": _column([e["message"] for e in errors]),
+            "reason": _column([e.get("reason") for e in errors])}
 
 
 def shard_inputs(shard: int, job: CaptionJob, cfg: DynReferConfig, prepared_size: int | None
@@ -309,7 +354,7 @@ def shard_inputs(shard: int, job: CaptionJob, cfg: DynReferConfig, prepared_size
     if job.split is not None:
         rows = [r for r in rows if r.get("split") == job.split]
     if not rows:  # nothing of the split here: one row that reaches no model marks the shard done
-        yield error_batch([{"image_id": None, "region_id": None, "message": ""}], cfg,
+        yield error_batch([{"image_id": None, "region_id": None, "reason": None, "message": ""}], cfg,
                           {"shard": shard, "shard_total": 1})
     base = {"shard": shard, "shard_total": len(rows)}
     for start in range(0, len(rows), job.batch_size):
@@ -318,12 +363,17 @@ def shard_inputs(shard: int, job: CaptionJob, cfg: DynReferConfig, prepared_size
         for file in dict.fromkeys(r["file"] for r in chunk):
             try:
                 images.update(load_images([file], so))
-            except (ImageError, OSError) as e:
-                failed[file] = str(e)
+            except ImageError as e:
+                failed[file] = (e.reason, str(e))
+            except FileNotFoundError as e:
+                failed[file] = ("missing", f"{file}: file not found ({e})")
+            except OSError as e:
+                failed[file] = ("read_error", f"{file}: {e}")
         good = [r for r in chunk if r["file"] not in failed]
         if good:
             yield input_batch(good, images, cfg, job, prepared_size, base)
-        bad = [{**r, "message": failed[r["file"]]} for r in chunk if r["file"] in failed]
+        bad = [{**r, "reason": failed[r["file"]][0], "message": failed[r["file"]][1]} for r in chunk
+               if r["file"] in failed]
         if bad:
             yield error_batch(bad, cfg, base)
 
@@ -354,9 +404,9 @@ def image_shard_inputs(shard: int, records: list[dict[str, Any]], errors: list[d
             row.update({k: scored[row["region_id"]][k] for k in ("score", "detection_category_id")})
         rows += found
         errors += [{**scored.get(e["region_id"] or "", {}), "image_id": e["image_id"], "region_id": e["region_id"],
-                    "message": e["message"]} for e in failed]
+                    "reason": e["reason"], "message": e["message"]} for e in failed]
         if not found and not failed:
-            errors.append({"image_id": record["image_id"], "region_id": None, "message": ""})
+            errors.append({"image_id": record["image_id"], "region_id": None, "reason": None, "message": ""})
     base = {"shard": shard, "shard_total": len(rows) + len(errors)}
     for start in range(0, len(rows), job.batch_size):
         yield input_batch(rows[start: start + job.batch_size], images, cfg, job, cfg.image_size, base)
@@ -395,7 +445,8 @@ def predict_batch(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ok = np.array([not e and r is not None for e, r in zip(batch["error"], batch["region_id"])], dtype=bool)
     n = len(ok)
     out = {k: v for k, v in batch.items() if k not in ("views", "rois", "ts")}
-    out.update(caption=_column([""] * n), tags=_column([[]] * n), tag_scores=_column([[]] * n),
+    out.update(caption=_column([""] * n), caption_score=np.full(n, np.nan), tags=_column([[]] * n),
+               tag_scores=_column([[]] * n),
                category=_column([None] * n), category_score=np.full(n, np.nan), category_scores=_column([""] * n),
                attributes=_column([[]] * n), attribute_scores=_column([""] * n), view_ts=batch["ts"])
     if ok.any():
@@ -405,6 +456,8 @@ def predict_batch(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                               torch.as_tensor(batch["rois"][ok]).to(device))
         for i, p in zip(np.flatnonzero(ok), preds):
             out["caption"][i] = p.caption
+            score = getattr(p, "caption_score", None)  # None until the model fills it
+            out["caption_score"][i] = np.nan if score is None else float(score)
             out["tags"][i] = [t for t, _ in p.tags]
             out["tag_scores"][i] = [float(s) for _, s in p.tags]
             if p.recognition is not None:
@@ -451,13 +504,15 @@ def output_row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         "image_id": _text(batch["image_id"][i]), "region_id": _text(batch["region_id"][i]),
         "box": None if any(math.isnan(v) for v in box) else box, "score": _optional(batch["score"][i]),
         "detection_category_id": _text(batch["detection_category_id"][i]),
-        "caption": str(batch["caption"][i]), "tags": list(batch["tags"][i]),
+        "caption": str(batch["caption"][i]), "caption_score": _optional(batch["caption_score"][i]),
+        "tags": list(batch["tags"][i]),
         "tag_scores": [float(v) for v in batch["tag_scores"][i]],
         "category": _text(batch["category"][i]), "category_score": _optional(batch["category_score"][i]),
         "category_scores": json.loads(batch["category_scores"][i]) if batch["category_scores"][i] else None,
         "attributes": list(batch["attributes"][i]),
         "attribute_scores": json.loads(batch["attribute_scores"][i]) if batch["attribute_scores"][i] else None,
         "view_ts": [float(v) for v in batch["view_ts"][i]], "error": _text(batch["error"][i]) or None,
+        "reason": _text(batch["reason"][i]) if _text(batch["error"][i]) else None,
     }
 
 
@@ -656,7 +711,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     init_ray(args)
-    summary = run(job, progress=not args.quiet)
+    try:
+        summary = run(job, progress=not args.quiet)
+    except ValueError as e:  # unusable inputs found while planning (a malformed listing, another job's out)
+        log.error("%s", e)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0 if summary["exactly_once"] else 1
 

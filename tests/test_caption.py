@@ -98,11 +98,28 @@ def test_image_records_of_a_directory_a_list_and_a_coco_file(tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps({"images": [{"id": 5, "file_name": "a.jpg"}]}))
     assert image_records(str(tmp_path / "coco.json")) == [
         {"image_id": "5", "file": str(tmp_path / "a.jpg"), "split": None, "regions": []}]
-    (tmp_path / "dup.txt").write_text(f"{tmp_path / 'a.jpg'}\n{tmp_path / 'x' / 'a.jpg'}\n")
-    with pytest.raises(ValueError, match="image id 'a' names two files"):
-        image_records(str(tmp_path / "dup.txt"))
+    (tmp_path / "dup.txt").write_text(f"{tmp_path / 'a.jpg'}\n{tmp_path / 'x' / 'a.jpg'}\n{tmp_path / 'b.png'}\n")
+    assert [r["image_id"] for r in image_records(str(tmp_path / "dup.txt"))] == [
+        f"{tmp_path.name}/a.jpg", "x/a.jpg", "b"]
+    (tmp_path / "twice.txt").write_text(f"{tmp_path / 'a.jpg'}\n{tmp_path / 'a.jpg'}\n")
+    with pytest.raises(ValueError, match="a.jpg is listed twice"):
+        image_records(str(tmp_path / "twice.txt"))
     with pytest.raises(ValueError, match="a split needs a Visual Genome root"):
         image_records(str(tmp_path), split="test")
+
+
+def test_files_sharing_a_stem_get_distinct_ids_that_stay_the_same(tmp_path):
+    from pipelines.caption import file_ids, image_records
+
+    for name in ("x.jpg", "x.png", "y.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    records = image_records(str(tmp_path))
+    assert [(r["image_id"], os.path.basename(r["file"])) for r in records] == [
+        ("x.jpg", "x.jpg"), ("x.png", "x.png"), ("y", "y.jpg")]
+    assert image_records(str(tmp_path)) == records
+    assert file_ids(["s3://b/p/x.jpg", "s3://b/q/x.jpg", "s3://b/q/x.png"]) == ["p/x.jpg", "q/x.jpg", "q/x.png"]
+    with pytest.raises(ValueError, match="names two files"):
+        file_ids(["/d/x.png", "/d/x.jpg", "/d/x.png.jpg"])
 
 
 def test_the_command_line_refuses_contradictory_inputs_before_starting_ray(tmp_path, caplog):
@@ -242,3 +259,62 @@ def test_dense_captioning_from_a_detections_file_with_a_malformed_entry(corpus, 
     metrics = evaluate(corpus, tmp_path / "out" / "captions", tmp_path / "eval", "dense")
     assert metrics["inputs"]["error_rows"] == 1 and metrics["dense"]["predictions"] == len(truth)
     assert metrics["dense"]["det_map"] > 0.9  # the reference boxes themselves
+
+
+@pytest.mark.slow
+def test_same_stem_images_are_captioned_apart_and_error_rows_carry_reason_codes(corpus, tmp_path):
+    """`dynrefer caption --images DIR` with x.jpg and x.png (once a traceback): both captioned under distinct ids;
+    an unreadable file and a malformed detection are error rows with a reason code beside the message; every row
+    has a caption_score column (None until the model gives one)."""
+    from pipelines.caption import main, read_captions
+
+    record, _ = held_out_image(corpus)
+    images = tmp_path / "images"
+    images.mkdir()
+    with Image.open(record["file"]) as img:
+        img.convert("RGB").save(images / "x.jpg", quality=95)
+        img.convert("P").save(images / "x.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    detections = [{"image_id": i, "bbox": [4, 6, 30, 24], "score": 0.9} for i in ("x.jpg", "x.png", "broken")]
+    detections.append({"image_id": "x.png", "bbox": [4, 6], "score": 0.9})
+    (tmp_path / "detections.json").write_text(json.dumps(detections))
+    code = main(["--model", str(corpus / "model"), "--images", str(images), "--detections",
+                 str(tmp_path / "detections.json"), "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "8",
+                 "--cpus-per-actor", "0.5", "--cpus-per-input-worker", "0.5"])
+    assert code == 0
+    rows = read_captions(str(tmp_path / "out"))
+    good = {r["image_id"]: r for r in rows if not r["error"]}
+    assert set(good) == {"x.jpg", "x.png"} and all(isinstance(r["caption"], str) for r in good.values())
+    errors = {r["image_id"]: r for r in rows if r["error"]}
+    assert errors["broken"]["reason"] == "not_image" and "broken.jpg" in errors["broken"]["error"]
+    assert errors["x.png"]["reason"] == "bad_detection" and "'bbox'" in errors["x.png"]["error"]
+    assert all(r["reason"] is None for r in good.values())
+    table = pq.read_table(tmp_path / "out" / "captions")
+    assert {"caption_score", "reason"} <= set(table.column_names)
+    assert all(s is None or 0.0 <= s <= 1.0 for s in table["caption_score"].to_pylist())
+
+
+@pytest.mark.slow
+def test_a_vg_corpus_of_pngs_is_dense_captioned_whole(corpus, tmp_path):
+    """16-bit, palette, RGBA and gray+alpha PNGs that image_data.json names are all captioned; only the image with
+    no file is an error row, coded 'missing'."""
+    from vg_png_corpus import IMAGES, MISSING, write_png_corpus
+
+    from pipelines.caption import read_captions, run
+
+    root = tmp_path / "vg"
+    write_png_corpus(str(root))
+    records = {r["image_id"]: r for r in datasets.read_visual_genome(str(root))}
+    detections = [{"image_id": int(i), "score": 0.9, "bbox": [r["box"][0], r["box"][1], r["box"][2] - r["box"][0],
+                                                             r["box"][3] - r["box"][1]]}
+                  for i, rec in records.items() for r in rec["regions"]]
+    (tmp_path / "detections.json").write_text(json.dumps(detections))
+    summary = run(job(corpus, tmp_path / "out", images=str(root), split="test",
+                      detections=str(tmp_path / "detections.json"), cpus_per_actor=0.5), progress=False)
+    rows = read_captions(str(tmp_path / "out"))
+    captioned = [r for r in rows if not r["error"]]
+    assert summary["exactly_once"] and summary["images"] == len(IMAGES) + 1
+    assert {r["image_id"] for r in captioned} == set(IMAGES)
+    assert len(captioned) == sum(len(records[i]["regions"]) for i in IMAGES)
+    [missing] = [r for r in rows if r["error"]]
+    assert (missing["image_id"], missing["reason"]) == (MISSING, "missing")
