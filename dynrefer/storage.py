@@ -1,7 +1,8 @@
 """Local paths and ``s3://`` URIs behind one interface (fsspec), so every reader and writer takes either.
 
 S3 settings (endpoint, credentials) travel as explicit ``storage_options`` rather than environment
-variables, because environment set after ``ray.init`` does not reach Ray workers.
+variables, because environment set after ``ray.init`` does not reach Ray workers. Programs build them from the
+standard AWS environment variables (:func:`s3_options_from_env`), never from command-line secrets.
 """
 
 from __future__ import annotations
@@ -30,6 +31,29 @@ def s3_options(endpoint_url: str | None = None, key: str | None = None, secret: 
         client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def s3_options_from_env(environ: dict[str, str] | None = None, endpoint_url: str | None = None,
+                        region: str | None = None, profile: str | None = None) -> StorageOptions:
+    """storage_options from the standard AWS environment variables (explicit arguments win).
+
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN`` become explicit options, so that
+    Ray workers get them even where the driver's environment does not reach; so do ``AWS_ENDPOINT_URL_S3`` (or
+    ``AWS_ENDPOINT_URL``), ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``) and ``AWS_PROFILE``. Without a key, s3fs
+    falls back to botocore's own chain in each process: the AWS config files, then an instance role.
+    """
+    env = os.environ if environ is None else environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if bool(key) != bool(secret):
+        raise ValueError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
+    opts = s3_options(endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"), key, secret,
+                      region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+    if key and env.get("AWS_SESSION_TOKEN"):
+        opts["token"] = env["AWS_SESSION_TOKEN"]
+    profile = profile or env.get("AWS_PROFILE")
+    if profile and not key:
+        opts["profile"] = profile
     return opts
 
 

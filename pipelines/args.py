@@ -32,16 +32,37 @@ def absolute(path: str | None) -> str | None:
     return os.path.abspath(path) if path and not storage.is_remote(path) else path
 
 
+#: Where S3 credentials come from instead of the command line (whose arguments every user sees in ``ps``).
+CREDENTIALS_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment, "
+                    "name a profile of ~/.aws/credentials with --s3-profile or AWS_PROFILE, or put storage_options "
+                    "(key, secret) in the job file")
+
+
+class _RefuseSecret(argparse.Action):
+    """``--s3-key``/``--s3-secret``: refused, since a secret in argv shows in ``ps`` and shell history."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string}: S3 credentials are not taken on the command line, where every user of "
+                     f"the machine sees them in `ps`; {CREDENTIALS_HELP}")
+
+
 def add_storage_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("S3 (for s3:// paths; unset values fall back to the usual AWS settings)")
-    g.add_argument("--s3-endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000 for MinIO")
-    g.add_argument("--s3-key", help="access key id")
-    g.add_argument("--s3-secret", help="secret access key")
-    g.add_argument("--s3-region", help="region name")
+    g = p.add_argument_group("S3 (for s3:// paths)", "Credentials are never flags: " + CREDENTIALS_HELP + "; "
+                             "without any, each process uses the usual AWS settings (config files, instance role).")
+    g.add_argument("--s3-endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000 for MinIO "
+                                         "(default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)")
+    g.add_argument("--s3-region", help="region name (default: AWS_REGION or AWS_DEFAULT_REGION)")
+    g.add_argument("--s3-profile", help="a profile of the AWS config files (default: AWS_PROFILE)")
+    for flag in ("--s3-key", "--s3-secret"):
+        g.add_argument(flag, action=_RefuseSecret, help=argparse.SUPPRESS)
 
 
-def storage_options_from_args(args: argparse.Namespace) -> storage.StorageOptions:
-    return storage.s3_options(args.s3_endpoint, args.s3_key, args.s3_secret, args.s3_region)
+def storage_options_from_args(args: argparse.Namespace,
+                              environ: dict[str, str] | None = None) -> storage.StorageOptions:
+    """S3 storage_options from the flags and the environment (:func:`dynrefer.storage.s3_options_from_env`)."""
+    return storage.s3_options_from_env(environ, endpoint_url=args.s3_endpoint, region=args.s3_region,
+                                       profile=args.s3_profile)
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
