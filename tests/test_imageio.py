@@ -179,6 +179,19 @@ def test_16_bit_png_scales_by_full_range():
     assert (out[..., 0] == out[..., 2]).all()
 
 
+@pytest.mark.parametrize("colour_type,channels", [(2, 3), (4, 2), (6, 4)])  # RGB, gray+alpha, RGBA
+def test_16_bit_png_of_every_colour_type_keeps_the_high_byte(colour_type, channels):
+    """16-bit PNGs that Pillow cannot write (written chunk by chunk here) decode by their high byte, alpha dropped."""
+    samples = np.array([0, 255, 256, 32768, 40000, 65535], np.uint16)
+    pixels = np.stack([np.roll(samples, c) for c in range(channels)], axis=-1)[None]  # (1, 6, channels)
+    ihdr = struct.pack(">IIBBBBB", 6, 1, 16, colour_type, 0, 0, 0)
+    raw = b"\x00" + pixels.astype(">u2").tobytes()
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+    out = _pixels(data)
+    colour = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
+    np.testing.assert_array_equal(out, (colour >> 8).astype(np.uint8))
+
+
 def test_16_bit_big_endian_tiff():
     raw = np.array([0, 65535, 32768, 256], ">u2").tobytes()
     img = Image.frombytes("I;16B", (4, 1), raw)
