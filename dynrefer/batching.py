@@ -9,11 +9,14 @@ A view several regions of one image use (the same box: always the t=1 view) is c
 :class:`ModelInputs` holds each distinct view once and indexes it per region. This is exact; it never
 changes which views a region gets.
 
-View choice per region (indices into the row's ``ts``, t=0 first, the rest sorted by t):
+View choice per region (indices into the row's ``ts``, t=0 first):
 
-* ``train``: t=0 plus ``n - 1`` candidates drawn without replacement, afresh each time the region is seen;
-* ``phash``: t=0 plus the greedy pHASH choice of :func:`dynrefer.phash.select_views`;
-* ``fixed``: the available t nearest to each of the config's ``fixed_ts``.
+* ``train``: t=0 plus ``n - 1`` candidates drawn without replacement, afresh each time the region is seen, in the
+  order drawn;
+* ``phash``: t=0 plus the greedy pHASH choice of :func:`dynrefer.phash.select_views`, best first;
+* ``fixed``: the available t nearest to each of the config's ``fixed_ts``, in that order.
+
+Views reach the model in that order (it matters: the fusion MLP reads them view by view), as in the official code.
 """
 
 from __future__ import annotations
@@ -146,13 +149,13 @@ def candidate_indices(ts: Sequence[float], candidate_ts: Sequence[float]) -> lis
 
 
 def train_views(ts: Sequence[float], cfg: ViewConfig, rng: np.random.Generator) -> list[int]:
-    """t=0 plus ``num_views - 1`` candidates drawn at random without replacement, sorted by t."""
+    """t=0 plus ``num_views - 1`` candidates drawn at random without replacement, in the order drawn."""
     candidates = candidate_indices(ts, cfg.candidate_ts)
     if cfg.num_views - 1 > len(candidates):
         raise ValueError(f"{cfg.num_views} views need {cfg.num_views - 1} candidates besides t=0, "
                          f"the prepared rows offer {len(candidates)}")
     drawn = rng.choice(candidates, size=cfg.num_views - 1, replace=False) if cfg.num_views > 1 else []
-    return [0, *sorted((int(i) for i in drawn), key=lambda i: (float(ts[i]), i))]
+    return [0, *(int(i) for i in drawn)]
 
 
 def phash_views(ts: Sequence[float], codes: Sequence[int], cfg: ViewConfig) -> list[int]:

@@ -1,7 +1,7 @@
 """Save and load a DynRefer model as ``config.json`` + ``model.safetensors`` (never a pickle).
 
-Saved: every trainable tensor, plus the frozen components that have no weights path of their own (a randomly
-initialised or self-trained encoder/LM). Components with a path (open_clip checkpoint, Hugging Face directory)
+Saved: every trainable tensor, the small frozen ones (``ln_vision``, the Q-former's queries), plus the frozen
+components that have no weights path of their own (a randomly initialised or self-trained encoder/LM). Components with a path (open_clip checkpoint, Hugging Face directory)
 are reloaded from it, so an export stays small.
 """
 
@@ -26,7 +26,7 @@ def saved_state(model: DynRefer) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     frozen_prefixes = []
     if not cfg.encoder.checkpoint:
-        frozen_prefixes.append("encoder.")
+        frozen_prefixes.append("encoder.clip.")
     if not cfg.language.path:
         frozen_prefixes.append("language.lm.")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -35,7 +35,7 @@ def saved_state(model: DynRefer) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith("embedding.encoder."):
             continue  # the same module as "encoder."
-        if name in trainable or name.startswith(tuple(frozen_prefixes)) or not name.startswith(("encoder.", "language.lm.")):
+        if name in trainable or name.startswith(tuple(frozen_prefixes)) or not name.startswith(("encoder.clip.", "language.lm.")):
             key = tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
             if key in seen:
                 continue

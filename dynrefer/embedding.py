@@ -23,7 +23,7 @@ def roi_tokens(features: ViewFeatures, rois: torch.Tensor, index: torch.Tensor |
         index = torch.arange(n, device=rois.device)
     boxes = torch.cat([index.to(rois.dtype)[:, None], rois], dim=1)  # (M, 5)
     return roi_align(features.grid, boxes.to(features.grid.dtype), output_size=(g, g),
-                     spatial_scale=1.0 / features.patch_size, sampling_ratio=2, aligned=True)
+                     spatial_scale=1.0 / features.patch_size, sampling_ratio=2, aligned=False)  # as official
 
 
 class ViewFusion(nn.Module):

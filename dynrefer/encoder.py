@@ -88,6 +88,8 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", std, persistent=False)
         self.patch_size, self.width = vision_geometry(visual)
         self.text_dim = int((custom or open_clip.get_model_config(cfg.name))["embed_dim"])
+        self.ln_vision = nn.LayerNorm(self.width, eps=cfg.ln_vision_eps)
+        self.ln_vision.requires_grad_(False)  # frozen in the official model (BLIP-2's, or the identity affine)
         if cfg.freeze:
             self.clip.requires_grad_(False)
             self.clip.eval()
@@ -99,19 +101,26 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, views: torch.Tensor) -> ViewFeatures:
-        """views: (N, S, S, 3) uint8 -> patch grid (N, C, g, g) and CLS (N, C)."""
+        """views: (N, S, S, 3) uint8 -> patch grid (N, C, g, g) and CLS (N, C), after ``ln_vision``.
+
+        As BLIP-2 and the official DynRefer: the blocks after ``cfg.layer`` are never run, the tower's own final
+        norm is not applied, and a separate LayerNorm (``ln_vision``, frozen, loadable from BLIP-2) normalises
+        every token.
+        """
         x = clip_pixels(views, self.mean, self.std)  # (N, 3, S, S)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze):
             out = self.clip.visual.forward_intermediates(
-                x, indices=[self.cfg.layer], intermediates_only=True,
-                normalize_intermediates=True, output_extra_tokens=True,
+                x, indices=[self.cfg.layer], stop_early=True, intermediates_only=True,
+                normalize_intermediates=False, output_extra_tokens=True,
             )
         grid = out["image_intermediates"][0]  # (N, C, g, g)
         cls = out["image_intermediates_prefix"][0][:, 0]  # (N, C)
-        return ViewFeatures(grid=grid, cls=cls, patch_size=self.patch_size)
+        grid = self.ln_vision(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return ViewFeatures(grid=grid, cls=self.ln_vision(cls), patch_size=self.patch_size)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """CLIP text embeddings (frozen): the queries of the tag and contrastive decoders.  # (K, D_text)"""
+        """CLIP text embeddings (frozen), the projected EOT token not L2-normalised, as the official code feeds the
+        tag and contrastive decoders.  # (K, D_text)"""
         tokens = self.tokenizer(texts).to(self.mean.device)
-        return self.clip.encode_text(tokens, normalize=True)
+        return self.clip.encode_text(tokens, normalize=False)

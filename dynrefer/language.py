@@ -1,12 +1,15 @@
 """The language head: region queries as a prefix to a Hugging Face LM, then the control words, then the caption.
 
 Any encoder-decoder (T5, as the paper) or decoder-only (GPT-2, OPT, Llama) LM directory works, local or s3://.
-Control words are the region's tags, comma-joined and ended by "|", embedded by the LM plus one learned vector.
+As the official code: the control string is the control words comma-joined and ended by "|", tokenised with the
+LM's EOS and embedded by the LM plus one learned vector (``control``); targets are the normalised caption with
+EOS, both at most ``max_text_len`` tokens; decoding returns each caption's probability beside it.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Sequence
 
 import torch
@@ -41,8 +44,10 @@ def load_lm(cfg: LanguageConfig, storage_options: storage.StorageOptions | None 
     if cfg.path:
         local = storage.local_copy(cfg.path, storage_options)
         config = AutoConfig.from_pretrained(local)
+        if cfg.dense_act_fn:
+            config.dense_act_fn = cfg.dense_act_fn  # LAVIS loads Flan-T5 with "gelu" in place of its "gelu_new"
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        return cls.from_pretrained(local, use_safetensors=True), AutoTokenizer.from_pretrained(local)
+        return cls.from_pretrained(local, config=config, use_safetensors=True), AutoTokenizer.from_pretrained(local)
     if not cfg.arch:
         raise ValueError("language: give either 'path' (a Hugging Face model directory) or 'arch'")
     words = cfg.vocabulary if cfg.vocabulary is not None else _builtin_vocabulary()
@@ -70,8 +75,31 @@ def _builtin_vocabulary() -> list[str]:
     return synth.vocabulary()
 
 
-def control_text(tags: Sequence[str]) -> str:
-    return ", ".join(tags) + "|"
+_CAPTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+
+
+def normalize_caption(caption: str, max_words: int = 50) -> str:
+    """A caption as LAVIS's caption processor gives it to the model: lowercased, ``.!"()*#:;~`` replaced by
+    spaces, runs of spaces collapsed, at most ``max_words`` words."""
+    words = _CAPTION_PUNCTUATION.sub(" ", caption.lower()).split()
+    return " ".join(words[:max_words])
+
+
+def control_text(words: Sequence[str]) -> str:
+    """The control string: ``",".join(words) + "|"``."""
+    return ",".join(words) + "|"
+
+
+def training_control_words(tags: Sequence[str], phrases: Sequence[str], drop_all: float, drop_each: float,
+                           rng: random.Random) -> list[str]:
+    """The official training-time control words: the set of a region's tags and caption phrases, none at all with
+    probability ``drop_all``, else each kept with probability ``1 - drop_each``, the kept ones shuffled."""
+    words = list(dict.fromkeys([*tags, *phrases]))
+    if rng.random() < drop_all:
+        return []
+    kept = [w for w in words if rng.random() >= drop_each]
+    rng.shuffle(kept)
+    return kept
 
 
 class LanguageHead(nn.Module):
@@ -93,20 +121,25 @@ class LanguageHead(nn.Module):
             self.lm.eval()
         return self
 
-    def drop_tags(self, tags: list[list[str]]) -> list[list[str]]:
-        """Training-time control words: all dropped with one probability, else each with another."""
-        out = []
-        for region_tags in tags:
-            if random.random() < self.cfg.drop_all_tags:
-                out.append([])
-            else:
-                out.append([t for t in region_tags if random.random() >= self.cfg.drop_each_tag])
-        return out
+    def control_words(self, tags: list[list[str]], captions: list[str]) -> list[list[str]]:
+        """Training-time control words per region (:func:`training_control_words`), from its tags and the noun and
+        adjective phrases of its caption."""
+        from dynrefer.tags import parse_phrases
+
+        c = self.cfg
+        return [training_control_words(t, parse_phrases(cap), c.drop_all_tags, c.drop_each_tag, random)
+                for t, cap in zip(tags, captions)]
 
     def _ids(self, texts: Sequence[str], eos: bool) -> list[list[int]]:
-        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                             max_length=self.cfg.max_text_len)["input_ids"]
+        """Token ids of each text, ended by EOS when asked, at most ``max_text_len`` ids in all (EOS kept)."""
+        limit = self.cfg.max_text_len - int(eos)
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
         return [x + [self.tokenizer.eos_token_id] if eos else x for x in ids]
+
+    def _controls(self, words: list[list[str]]) -> list[list[int]]:
+        if not self.cfg.control_words:
+            return [[] for _ in words]
+        return self._ids([control_text(w) for w in words], eos=self.is_encoder_decoder)
 
     def _embed(self, ids: list[int], control: bool) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.control.device))
@@ -129,8 +162,7 @@ class LanguageHead(nn.Module):
     def loss(self, regions: torch.Tensor, tags: list[list[str]], captions: list[str]) -> torch.Tensor:
         """regions: (B, Q, H); captioning cross-entropy given the prefix and control words."""
         prefix = self.proj(regions)  # (B, Q, D)
-        controls = self._ids([control_text(t) for t in tags], eos=False) if self.cfg.control_words \
-            else [[] for _ in tags]
+        controls = self._controls(tags)
         targets = self._ids(captions, eos=True)
         if self.is_encoder_decoder:
             inputs, mask = self._pad([torch.cat([p, self._embed(c, True)]) for p, c in zip(prefix, controls)], False)
@@ -148,16 +180,29 @@ class LanguageHead(nn.Module):
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def generate(self, regions: torch.Tensor, tags: list[list[str]]) -> list[str]:
-        """Captions for (B, Q, H) region queries, with the paper's decoding settings from the config."""
+    def generate(self, regions: torch.Tensor, words: list[list[str]]) -> tuple[list[str], list[float]]:
+        """Captions for (B, Q, H) region queries with the official decoding settings, and each caption's
+        probability ``exp(sequences_scores)`` (the beam's summed log-probability with ``length_penalty`` 0)."""
+        sequences, log_probs = self.generate_ids(regions, words)
+        captions = [s.strip() for s in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+        return captions, log_probs.float().exp().tolist()
+
+    @torch.no_grad()
+    def generate_ids(self, regions: torch.Tensor, words: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generated token ids (B, T) and each sequence's log-probability (B,)."""
+        c = self.cfg
         prefix = self.proj(regions)
-        controls = self._ids([control_text(t) for t in tags], eos=False) if self.cfg.control_words \
-            else [[] for _ in tags]
-        seqs = [torch.cat([p, self._embed(c, True)]) for p, c in zip(prefix, controls)]
+        seqs = [torch.cat([p, self._embed(ids, True)]) for p, ids in zip(prefix, self._controls(words))]
         inputs, mask = self._pad(seqs, left=not self.is_encoder_decoder)
         out = self.lm.generate(
-            inputs_embeds=inputs, attention_mask=mask, num_beams=self.cfg.num_beams,
-            max_new_tokens=self.cfg.max_new_tokens, repetition_penalty=self.cfg.repetition_penalty,
+            inputs_embeds=inputs, attention_mask=mask, num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
+            min_length=c.min_length, length_penalty=c.length_penalty, repetition_penalty=c.repetition_penalty,
             do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            output_scores=True, return_dict_in_generate=True,
         )
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if c.num_beams > 1:
+            log_probs = out.sequences_scores  # (B,)
+        else:
+            steps = self.lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # (B, T)
+            log_probs = steps.masked_fill(~torch.isfinite(steps), 0.0).sum(-1)
+        return out.sequences, log_probs

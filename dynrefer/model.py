@@ -13,10 +13,11 @@ from torch import nn
 
 from dynrefer import storage
 from dynrefer.config import DynReferConfig
-from dynrefer.decoders import ContrastiveHead, TagHead, siglip_loss
+from dynrefer.decoders import ContrastiveHead, TagHead
 from dynrefer.embedding import MultiViewEmbedding
 from dynrefer.encoder import ImageEncoder
-from dynrefer.language import LanguageHead
+from dynrefer.language import LanguageHead, normalize_caption
+from dynrefer.qformer import read_blip2
 from dynrefer.recognition import Recognition, RecognitionPrompts, prompts
 
 
@@ -40,8 +41,19 @@ class DynRefer(nn.Module):
         self.contrastive = ContrastiveHead(cfg.contrastive, text_dim, region_dim)
         self.language = LanguageHead(cfg.language, region_dim, storage_options)
         self.recognition = RecognitionPrompts(cfg.recognition, text_dim)
+        if cfg.qformer.path:  # BLIP-2's language projection initialises the LM projection (t5_proj)
+            self.load_blip2_projection(storage.local_copy(cfg.qformer.path, storage_options))
         promote_scalar_parameters(self)
         self.refresh_text_embeddings()
+
+    def load_blip2_projection(self, directory: str) -> None:
+        state = {k.removeprefix("language_projection."): v for k, v in read_blip2(directory).items()
+                 if k.startswith("language_projection.")}
+        shapes = {k: tuple(v.shape) for k, v in self.language.proj.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in state.items()} != shapes:
+            raise ValueError(f"{directory}: language_projection {({k: tuple(v.shape) for k, v in state.items()})} "
+                             f"does not match the LM projection {shapes}")
+        self.language.proj.load_state_dict(state)
 
     def refresh_text_embeddings(self) -> None:
         """Tag queries and recognition prompts are frozen CLIP text embeddings; recompute after encoder weights
@@ -66,16 +78,16 @@ class DynRefer(nn.Module):
         """views: (N, S, S, 3) uint8, view_index: (B, V) into views, rois: (B, V, 4) (as in
         :class:`dynrefer.batching.ModelInputs`); returns each enabled loss and their weighted sum."""
         w = self.cfg.loss
+        captions = [normalize_caption(c) for c in captions]
         regions = self.embedding(views, view_index, rois)  # (B, Q, H)
         losses: dict[str, torch.Tensor] = {}
         if w.tags > 0 and len(self.cfg.tags.vocabulary):
             losses["tags"] = self.tags.loss(self.tags(regions), tags)
         if w.contrastive > 0:
             texts = self.encoder.encode_text(captions).to(regions.dtype)  # (B, D_text)
-            positives = torch.tensor([[a == b for b in captions] for a in captions], device=regions.device)
-            losses["contrastive"] = siglip_loss(self.contrastive(texts, regions), positives)
+            losses["contrastive"] = self.contrastive.loss(texts, regions)
         if w.caption > 0:
-            controls = self.language.drop_tags(tags) if self.training else tags
+            controls = self.language.control_words(tags, captions) if self.training else tags
             losses["caption"] = self.language.loss(regions, controls, captions)
         losses["loss"] = sum(getattr(w, name) * value for name, value in losses.items())
         return losses
@@ -83,21 +95,23 @@ class DynRefer(nn.Module):
     @torch.no_grad()
     def predict(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor,
                 texts: list[str] | None = None, caption: bool = True) -> list[RegionPrediction]:
-        """Per region (inputs as for ``forward``): a caption (tags as control words), tags with scores, category
-        and attributes (when the config names any), and scores for the given texts."""
+        """Per region (inputs as for ``forward``): a caption (predicted tags as control words) and its probability,
+        tags with scores, category and attributes (when the config names any), and ``sigmoid`` scores of the given
+        texts."""
+        b = view_index.shape[0]
         regions = self.embedding(views, view_index, rois)  # (B, Q, H)
-        tags = self.tags.decode(self.tags(regions)) if len(self.cfg.tags.vocabulary) else [[] for _ in regions]
-        captions = self.language.generate(regions, [[t for t, _ in r] for r in tags]) if caption \
-            else ["" for _ in regions]
-        scores: list[dict[str, float]] = [{} for _ in regions]
+        tags = self.tags.decode(self.tags(regions)) if len(self.cfg.tags.vocabulary) else [[] for _ in range(b)]
+        captions, caption_scores = (self.language.generate(regions, self.tags.control_words(tags)) if caption
+                                    else (["" for _ in range(b)], [None] * b))
+        scores: list[dict[str, float]] = [{} for _ in range(b)]
         if texts:
             probs = torch.sigmoid(self.contrastive(self.encoder.encode_text(texts).to(regions.dtype), regions))
             scores = [dict(zip(texts, row.tolist())) for row in probs.float()]
-        recognized: list[Recognition | None] = [None] * len(regions)
+        recognized: list[Recognition | None] = [None] * b
         if len(self.recognition):
             prompt_embeddings = self.recognition.embeddings.to(regions.dtype)  # (K, D_text)
             recognized = self.recognition.decode(self.contrastive(prompt_embeddings, regions))
-        return [RegionPrediction(*fields) for fields in zip(captions, tags, scores, recognized)]
+        return [RegionPrediction(*fields) for fields in zip(captions, tags, scores, recognized, caption_scores)]
 
 
 def promote_scalar_parameters(module: nn.Module) -> None:

@@ -36,8 +36,8 @@ _PRECISION_BITS = 22  # Resample.c: 32 - 8 (result) - 2 (overflow)
 _LANCZOS_SUPPORT = 3.0
 # Pillow's L24 weights over 2**16: products with a byte and their sums stay below 2**24, exact in float32.
 _GRAY_WEIGHTS = np.array([19595, 38470, 7471], dtype=np.float32) / 65536
-# OpenCV's fixed-point RGB2GRAY weights (BT.601 over 2**14), used by the official code's grayscale.
-_OFFICIAL_GRAY_WEIGHTS = np.array([4899, 9617, 1868], dtype=np.float32) / 16384
+# OpenCV's fixed-point RGB2GRAY weights (BT.601 over 2**15, as cv2 4.x computes it), the official code's grayscale.
+_OFFICIAL_GRAY_WEIGHTS = np.array([9798, 19235, 3735], dtype=np.float32) / 32768
 _F32_ROUNDOFF = 2.0**-24
 _GUARD_SLACK = 2.0**-20  # covers the float32 rounding of the guard's own subtraction and limit
 _BAND = 8  # output pixels per band block of a resize matrix: a block only touches the inputs it needs
@@ -329,24 +329,57 @@ def phash_official(views: np.ndarray) -> np.ndarray:
 
     Not imagehash's phash: the official code takes the 8x8 corner of the orthonormal DCT-II of the whole
     224x224 view (``cv2.dct``) and thresholds at the mean. Grayscale uses OpenCV's fixed-point BT.601
-    weights; the DCT is computed in float64 (OpenCV: float32) and views of another size are resized
-    bilinearly with Pillow, so codes can differ from OpenCV's in bits that sit right at the mean.
+    weights; views of another size are resized as OpenCV's INTER_LINEAR. The official code hashes the
+    full-resolution crop, not the resized view: :func:`phash_official_crops` does that.
     """
     views = _check_views(views)
     n = len(views)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    if views.ndim == 4:
-        gray = np.floor(views.astype(np.float32) @ _OFFICIAL_GRAY_WEIGHTS + np.float32(0.5))  # (N, H, W)
-    else:
-        gray = views.astype(np.float32)
-    if gray.shape[1:] != (OFFICIAL_SIZE, OFFICIAL_SIZE):
-        gray = np.stack([
-            np.asarray(Image.fromarray(g).resize((OFFICIAL_SIZE, OFFICIAL_SIZE), Image.Resampling.BILINEAR))
-            for g in gray
-        ])
+    gray = official_gray(views) if views.ndim == 4 else views.astype(np.float32)  # (N, H, W)
+    h, w = gray.shape[1:]
+    return np.concatenate([phash_official_crops(g, np.array([[0, 0, w, h]])) for g in gray])
+
+
+def official_gray(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An RGB image's grey levels as OpenCV's RGB2GRAY gives them (fixed-point BT.601, rounded).  # (H, W) float32"""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    return np.floor(rgb.astype(np.float32) @ _OFFICIAL_GRAY_WEIGHTS + np.float32(0.5))
+
+
+@functools.lru_cache(maxsize=256)
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """OpenCV's INTER_LINEAR resampling along one axis as a matrix: output i reads source ``(i + 0.5) * in/out
+    - 0.5`` from its two neighbours, clamped at the borders (no antialiasing).  # (out, in)"""
+    x = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    lo = np.floor(x)
+    frac = x - lo
+    lo = lo.astype(np.int64)
+    frac[lo < 0], lo[lo < 0] = 0.0, 0
+    frac[lo >= in_size - 1], lo[lo >= in_size - 1] = 0.0, in_size - 1
+    m = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, np.minimum(lo + 1, in_size - 1)), frac)
+    return m
+
+
+def phash_official_crops(gray: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The official code's hash of each view box: its full-resolution grey crop, resized bilinearly to 224, the
+    8x8 corner of its orthonormal 2-D DCT, bits above their mean.  # (T,) uint64
+
+    gray: the image's :func:`official_gray` (H, W); boxes: (T, 4) integer crop boxes. Computed in float64
+    (OpenCV: float32), so a bit that sits right at the mean can differ from OpenCV's.
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     basis = _dct_basis(OFFICIAL_SIZE)  # (8, 224)
-    low = (basis @ gray.astype(np.float64) @ basis.T).reshape(n, HASH_SIZE * HASH_SIZE)  # (N, 64)
+    low = np.empty((len(boxes), HASH_SIZE * HASH_SIZE))
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        crop = gray[y1:y2, x1:x2].astype(np.float64)
+        if crop.size == 0:
+            raise ValueError(f"view box {[x1, y1, x2, y2]} is empty")
+        resized = _bilinear_matrix(y2 - y1, OFFICIAL_SIZE) @ crop @ _bilinear_matrix(x2 - x1, OFFICIAL_SIZE).T
+        low[i] = (basis @ resized @ basis.T).reshape(-1)
     return _codes(low > low.mean(axis=1)[:, None])
 
 
@@ -372,8 +405,8 @@ def select_views(codes: np.ndarray, ts: Sequence[float], n: int) -> list[int]:
 
     ``codes[0]``/``ts[0]`` are the region view (t=0); the rest are candidates with t > 0, scored by
     ``hamming(codes[0], codes[i]) / ts[i]``. The top ``n - 1`` scores win, ties going to the smaller t and
-    then the earlier index, so the choice is deterministic. Returns indices into ``codes`` sorted by t,
-    starting with 0.
+    then the earlier index, so the choice is deterministic. Returns indices into ``codes``: 0, then the chosen
+    ones in pick order (best first), the order in which the official code feeds them to the model.
     """
     codes = np.asarray(codes, dtype=np.uint64).reshape(-1)
     t = np.asarray(ts, dtype=np.float64).reshape(-1)
@@ -392,6 +425,4 @@ def select_views(codes: np.ndarray, ts: Sequence[float], n: int) -> list[int]:
     scores = hamming(codes[0], codes[1:]) / candidates
     index = np.arange(1, len(codes))
     ranked = np.lexsort((index, candidates, -scores))  # by score (high first), then t, then index
-    chosen = index[ranked[:n - 1]]
-    chosen = chosen[np.lexsort((chosen, t[chosen]))]
-    return [0] + chosen.tolist()
+    return [0] + index[ranked[:n - 1]].tolist()

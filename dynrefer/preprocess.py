@@ -13,9 +13,12 @@ import numpy as np
 from PIL import Image
 
 from dynrefer.imageio import ImageError, decode_image
-from dynrefer.phash import phash_batch
+from dynrefer.phash import official_gray, phash_batch, phash_official_crops
 from dynrefer.tags import parse_tags
 from dynrefer.views import CANDIDATE_TS, crop_views, region_in_views, validate_box, view_boxes
+
+
+HASHES = ("imagehash", "official")
 
 
 @dataclass
@@ -24,6 +27,11 @@ class PrepareConfig:
     candidate_ts: list[float] = field(default_factory=lambda: list(CANDIDATE_TS))
     max_pixels: int = 64_000_000  # larger images are refused as decompression bombs
     store_views: bool = False  # keep the resized view pixels (uint8, T x S x S x 3) in each row
+    hash: str = "imagehash"  # "imagehash" (imagehash.phash of each view) or "official" (the official code's variant)
+
+    def __post_init__(self) -> None:
+        if self.hash not in HASHES:
+            raise ValueError(f"prepare.hash must be one of {HASHES}, got {self.hash!r}")
 
     @property
     def ts(self) -> list[float]:
@@ -79,7 +87,11 @@ def region_rows(record: dict[str, Any], image: Image.Image, cfg: PrepareConfig
         })
     if rows:
         views = crop_views(image, np.concatenate(all_boxes), cfg.view_size)  # (R*T, S, S, 3)
-        codes = phash_batch(views).reshape(len(rows), len(ts))  # (R, T)
+        if cfg.hash == "official":
+            codes = phash_official_crops(official_gray(image), np.concatenate(all_boxes))
+        else:
+            codes = phash_batch(views)
+        codes = codes.reshape(len(rows), len(ts))  # (R, T)
         views = views.reshape(len(rows), len(ts), *views.shape[1:])
         for row, code, pixels in zip(rows, codes, views):
             row["phash"] = code.tolist()

@@ -14,6 +14,16 @@ from dynrefer import storage
 from dynrefer.config import QFormerConfig
 
 
+def read_blip2(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a BLIP-2 Hugging Face directory's ``*.safetensors`` files."""
+    from pathlib import Path
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no *.safetensors files (expected a BLIP-2 Hugging Face directory)")
+    return {k: v for file in files for k, v in load_file(str(file)).items()}
+
+
 class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig, encoder_dim: int, storage_options: storage.StorageOptions | None = None):
         super().__init__()
@@ -25,22 +35,16 @@ class QFormer(nn.Module):
             attention_probs_dropout_prob=cfg.dropout,
         )
         self.qformer = Blip2QFormerModel(config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.hidden_size))
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.hidden_size),
+                                         requires_grad=not cfg.freeze_queries)
         nn.init.normal_(self.query_tokens, std=0.02)
         if cfg.path:
             self.load_blip2(storage.local_copy(cfg.path, storage_options))
 
     def load_blip2(self, directory: str) -> None:
         """Initialise from a BLIP-2 Hugging Face directory (its ``qformer.*`` and ``query_tokens`` tensors)."""
-        from pathlib import Path
-
-        state: dict[str, torch.Tensor] = {}
-        for file in sorted(Path(directory).glob("*.safetensors")):
-            for key, value in load_file(str(file)).items():
-                if key.startswith("qformer."):
-                    state[key] = value
-                elif key == "query_tokens":
-                    state[key] = value[:, : self.cfg.num_queries]
+        state = {k: v[:, : self.cfg.num_queries] if k == "query_tokens" else v
+                 for k, v in read_blip2(directory).items() if k.startswith("qformer.") or k == "query_tokens"}
         if not state:
             raise ValueError(f"{directory}: no 'qformer.*' tensors in its *.safetensors files")
         missing, unexpected = self.load_state_dict(state, strict=False)

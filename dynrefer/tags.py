@@ -150,6 +150,34 @@ def parse_tags(caption: str) -> list[str]:
     return list(tags)
 
 
+def _informative(token: str) -> bool:
+    return token not in _EXCLUDED and len(token) >= 2 and not any(c.isdigit() for c in token)
+
+
+def parse_phrases(caption: str) -> list[str]:
+    """The caption's noun/adjective phrases as the official control words take them, in order, without repeats.
+
+    The official code POS-tags the caption and extends every noun or adjective over the nouns that follow it
+    ("striped circle", "tennis court"). Without a tagger, a run of informative words (see :func:`parse_tags`) is
+    read as adjectives ending in a noun: each word of the run is a phrase alone, and the word just before the
+    run's last word also forms a phrase with it. "a small red circle" gives "small", "red circle", "circle".
+    Words are kept as written (not singularised), as the official phrases are.
+    """
+    if not caption:
+        return []
+    runs: list[list[str]] = [[]]
+    for token in _tokens(caption):
+        if _informative(token):
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    phrases: dict[str, None] = {}
+    for run in runs:
+        for i, word in enumerate(run):
+            phrases.setdefault(f"{word} {run[-1]}" if i == len(run) - 2 else word, None)
+    return list(phrases)
+
+
 def count_tags(captions: Iterable[str | None]) -> Counter[str]:
     """How many captions each tag appears in; Counters from shards add up with ``+``."""
     counts: Counter[str] = Counter()

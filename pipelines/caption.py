@@ -117,7 +117,7 @@ def model_config(job: CaptionJob) -> DynReferConfig:
 
 def view_config(cfg: DynReferConfig) -> PrepareConfig:
     """Dense regions get the views the model can choose from, cut at its input size."""
-    return PrepareConfig(view_size=cfg.image_size, candidate_ts=list(cfg.views.candidate_ts))
+    return PrepareConfig(view_size=cfg.image_size, candidate_ts=list(cfg.views.candidate_ts), hash=cfg.views.hash)
 
 
 # --- images and boxes (dense captioning) --------------------------------------------------------------------------

@@ -424,7 +424,7 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     from dynrefer.preprocess import PrepareConfig, decode_record, region_rows
 
     prep = PrepareConfig(view_size=model_cfg.image_size, candidate_ts=list(model_cfg.views.candidate_ts),
-                         max_pixels=limits.max_pixels)
+                         max_pixels=limits.max_pixels, hash=model_cfg.views.hash)
     record: dict[str, Any] = {"image_id": "request", "file": "request", "regions": []}
     image, errors = decode_record(record, data, prep)
     if image is None:

@@ -81,14 +81,49 @@ class OptimizerSection:
     grad_clip: float = 1.0  # 0 disables clipping
 
 
+SCHEDULES = ("warmup_cosine", "epoch_cosine")
+
+
 @dataclass
 class ScheduleSection:
-    """DeepSpeed's WarmupCosineLR, in DDP mode too."""
+    """The learning-rate schedule, the same under DeepSpeed and DDP.
 
+    ``warmup_cosine``: DeepSpeed's WarmupCosineLR over ``max_steps``. ``epoch_cosine``: LAVIS's schedule, as the
+    official code trains: the whole first epoch at the base lr, then a cosine that steps once per epoch,
+    ``lr * (1 + cos(pi * epoch / epochs)) / 2`` (it would reach 0 at ``epochs``), with no warmup.
+    """
+
+    type: str = "warmup_cosine"
     warmup_steps: int = 100
     warmup_min_ratio: float = 0.0
     warmup_type: str = "linear"
     min_ratio: float = 0.01  # the cosine ends at lr * min_ratio
+    steps_per_epoch: int = 0  # epoch_cosine: optimizer steps in one epoch
+    epochs: int = 0  # epoch_cosine: the cosine's length in epochs
+
+    def __post_init__(self) -> None:
+        if self.type not in SCHEDULES:
+            raise ValueError(f"schedule.type must be one of {SCHEDULES}, got {self.type!r}")
+        if self.type == "epoch_cosine" and (self.steps_per_epoch < 1 or self.epochs < 1):
+            raise ValueError("schedule.type epoch_cosine needs steps_per_epoch >= 1 and epochs >= 1")
+
+
+def epoch_cosine_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The lr multiplier of LAVIS's per-epoch cosine at optimizer step ``step``."""
+    return 0.5 * (1.0 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
+
+
+def lr_scheduler(optimizer: Any, job: Any) -> Any:
+    """The schedule of ``job.schedule`` on a torch optimizer (DDP), or DeepSpeed's (a client scheduler)."""
+    s = job.schedule
+    if getattr(s, "type", "warmup_cosine") == "epoch_cosine":
+        import torch
+
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: epoch_cosine_factor(step, s.steps_per_epoch, s.epochs))
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    return WarmupCosineLR(optimizer, **schedule_params(job))
 
 
 @dataclass
@@ -192,6 +227,10 @@ class TrainJob(RayTrainJob):
     data: DataSection = field(default_factory=DataSection)
     deepspeed: str = "configs/deepspeed/zero2.json"
     ddp: bool = False  # plain torch DDP with the same optimizer, schedule and data, for comparison
+    init_from: str | None = None  # fine-tune: an export (local or s3://) whose config and weights start the run
+
+    def absolute(self) -> Self:
+        return dataclasses.replace(super().absolute(), init_from=absolute(self.init_from))
 
     def validate(self) -> None:
         super().validate()
@@ -291,6 +330,9 @@ def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
     """The model config with the data written in: the tag vocabulary, the train captions' words for a word-level
     LM, and the categories and attributes to recognise (unless the config lists its own)."""
     so = job.storage_options or None
+    if job.init_from:  # fine-tuning keeps the export's vocabularies and labels, so its weights fit
+        base = storage.read_json(storage.join(job.init_from, "config.json"), so)
+        return DynReferConfig.from_dict(merge(base, job.model_overrides))
     cfg = resolved_model_config(job.model, job.model_overrides)
     cfg.tags.vocabulary = tag_vocabulary(job.data.prepared, so, job.data.max_tags)
     if job.data.lm_vocabulary == "captions" and not cfg.language.path:
@@ -325,6 +367,9 @@ def deepspeed_config(job: TrainJob) -> dict[str, Any]:
         "torch_autocast.enabled": job.precision == "bf16",
         **{f"scheduler.params.{k}": v for k, v in schedule_params(job).items()},
     }
+
+    if job.schedule.type != "warmup_cosine":
+        template.pop("scheduler", None)  # the stepper hands DeepSpeed the schedule as a client scheduler
 
     def fill(node: Any, prefix: str) -> Any:
         if isinstance(node, dict):
@@ -508,12 +553,16 @@ def exclude_frozen(cfg: DynReferConfig) -> bool:
 class DeepSpeedStepper:
     """Forward, backward and optimizer step through a DeepSpeed engine (any ZeRO stage)."""
 
-    def __init__(self, model: Any, ds_config: dict[str, Any], backend: str, weight_decay: float):
+    def __init__(self, model: Any, ds_config: dict[str, Any], backend: str, weight_decay: float,
+                 scheduler: Any = None):
+        """``scheduler``: a callable that builds the schedule on DeepSpeed's optimizer, when ``ds_config`` has
+        none."""
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+            model=model, model_parameters=param_groups(model, weight_decay), config=ds_config,
+            lr_scheduler=None if "scheduler" in ds_config else scheduler)
         # DeepSpeed's scheduler starts at iteration -1 (lr 0): step it once so the first update uses warmup_min_ratio.
         self.scheduler.step()
         self.zero3 = self.engine.zero_optimization_stage() == 3
@@ -574,7 +623,6 @@ class DDPStepper:
     def __init__(self, model: Any, device: Any, job: Any, arguments: Any = dynrefer_arguments,
                  state: Any = dynrefer_state):
         import torch
-        from deepspeed.runtime.lr_schedules import WarmupCosineLR
         from torch.nn.parallel import DistributedDataParallel
 
         self.arguments, self.state = arguments, state
@@ -583,7 +631,7 @@ class DDPStepper:
         o = job.optimizer
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                            eps=o.eps)
-        self.scheduler = WarmupCosineLR(self.optimizer, **schedule_params(job))
+        self.scheduler = lr_scheduler(self.optimizer, job)
         self.scheduler.step()  # as DeepSpeedStepper: the first update uses warmup_min_ratio
         self.grad_clip, self.accum, self.micro = o.grad_clip, job.grad_accum, 0
         self.autocast = job.precision == "bf16"
@@ -742,14 +790,27 @@ def train_batches(shard: Any, job: TrainJob, rank: int) -> Iterator[ModelInputs]
         epoch += 1
 
 
-def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.StorageOptions | None) -> Any:
-    """The model, seeded so that every rank builds the same initial weights."""
+def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.StorageOptions | None,
+                init_from: str | None = None) -> Any:
+    """The model, seeded so that every rank builds the same initial weights, or started from an export."""
     import torch
+    from safetensors.torch import load as load_safetensors
 
+    from dynrefer.checkpoint import WEIGHTS_FILE, saved_state
     from dynrefer.model import DynRefer
 
     torch.manual_seed(seed)
     model = DynRefer(cfg, storage_options)
+    if init_from:
+        state = load_safetensors(storage.read_bytes(storage.join(init_from, WEIGHTS_FILE), storage_options))
+        expected = saved_state(model)
+        wrong = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if wrong or missing or unexpected:
+            raise ValueError(f"init_from {init_from}: weights do not fit the model (shapes differ: {wrong[:5]}, "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]})")
+        model.load_state_dict(state, strict=False)
+        model.refresh_text_embeddings()
     model.freeze_unused_heads()
     return model
 
@@ -758,7 +819,8 @@ def build_stepper(job: TrainJob, model: Any, ds_config: dict[str, Any] | None, d
     """DeepSpeed with ``ds_config``, or DDP (``job.ddp``) with the same optimizer and schedule numbers."""
     if job.ddp:
         return DDPStepper(model, device, job)
-    return DeepSpeedStepper(model, ds_config, "nccl" if device.type == "cuda" else "gloo", job.optimizer.weight_decay)
+    return DeepSpeedStepper(model, ds_config, "nccl" if device.type == "cuda" else "gloo", job.optimizer.weight_decay,
+                            scheduler=lambda optimizer: lr_scheduler(optimizer, job))
 
 
 def saved_train_state(checkpoint: Any, cls: type[TrainState] = TrainState) -> TrainState | None:
@@ -804,7 +866,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from dynrefer.checkpoint import save_pretrained
 
     device = ray.train.torch.get_device()
-    stepper = build_stepper(job, build_model(cfg, job.seed, so), config["deepspeed"], device)
+    stepper = build_stepper(job, build_model(cfg, job.seed, so, job.init_from), config["deepspeed"], device)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             stepper.load(directory)

@@ -49,14 +49,16 @@ def prepared_rows(root, view_size, images=((1, 160, 120), (2, 90, 140))):
 
 def test_training_draw_keeps_t0_and_samples_distinct_candidates_uniformly():
     ts = [0.0, *VIEWS.candidate_ts]
-    counts = Counter()
+    counts, ascending = Counter(), 0
     for i in range(2000):
         chosen = choose_views({"ts": ts}, VIEWS, "train", np.random.default_rng(i))
         assert chosen[0] == 0 and len(chosen) == 3 and len(set(chosen)) == 3
-        assert chosen[1:] == sorted(chosen[1:]) and 0 not in chosen[1:]
+        assert 0 not in chosen[1:]
         counts.update(chosen[1:])
+        ascending += chosen[1] < chosen[2]
     assert set(counts) == set(range(1, 11))
     assert max(counts.values()) / min(counts.values()) < 1.3  # each candidate drawn about 400 times
+    assert 900 < ascending < 1100  # drawn in random order, as the official code (not sorted by t)
 
 
 def test_region_generators_repeat_per_sighting_and_differ_between_sightings():
