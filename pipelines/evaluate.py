@@ -40,6 +40,7 @@ from pipelines.args import add_storage_args, read_job_file, setup_logging, stora
 log = logging.getLogger("dynrefer.evaluate")
 
 TASKS = ("caption", "dense", "attributes", "recognition", "content")
+DENSE_RANKS = ("auto", "score", "caption_score")  # what ranks dense predictions: see dense_rank_score
 REFERENCE_COLUMNS = ("image_id", "region_id", "box", "caption", "captions", "category", "attributes",
                      "attribute_labels", "tags", "split")
 Key = tuple[str, str]
@@ -125,9 +126,6 @@ def _caption(refs: list[dict[str, Any]], preds: dict[Key, dict[str, Any]],
     references = {_key(r): _references_of(r) for r in refs}
     predictions = {k: str(p.get("caption") or "") for k, p in preds.items() if k in references}
     return metrics.caption_scores(predictions, references, meteor=meteor)
-
-
-DENSE_RANKS = ("auto", "score", "caption_score")
 
 
 def _number(value: Any) -> float | None:
