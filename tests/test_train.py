@@ -133,7 +133,32 @@ def test_deepspeed_configs_are_filled_from_the_training_config():
         assert '"auto"' not in json.dumps(cfg)
 
 
-@pytest.mark.parametrize("name", ["tiny", "base_gpu", "paper_gpu"])
+def test_lavis_epoch_cosine_schedule_steps_once_per_epoch_on_both_engines():
+    """epoch_cosine (the official schedule): epoch 0 at the base lr, then (1 + cos(pi e / E)) / 2 per epoch."""
+    import torch
+
+    from pipelines.train import lr_scheduler
+
+    job = TrainJob(optimizer=OptimizerSection(lr=1e-4), max_steps=20,
+                   schedule=ScheduleSection(type="epoch_cosine", steps_per_epoch=4, epochs=5))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    scheduler = lr_scheduler(optimizer, job)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-4 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5) for _ in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[:4] == [1e-4] * 4 and lrs[-1] == pytest.approx(1e-4 * 0.0955, rel=1e-3)
+    assert "scheduler" not in deepspeed_config(job)  # DeepSpeed gets it as a client scheduler
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        ScheduleSection(type="epoch_cosine")
+    with pytest.raises(ValueError, match="schedule.type"):
+        ScheduleSection(type="linear")
+
+
+@pytest.mark.parametrize("name", ["tiny", "base_gpu", "paper_gpu", "refcocog_ft_gpu"])
 def test_training_configs_load(name):
     job = TrainJob.from_yaml(os.path.join(REPO, "configs", "train", f"{name}.yaml"))
     job.validate()

@@ -94,3 +94,31 @@ def test_weights_and_exports_on_s3(weights, s3_server, tmp_path, monkeypatch):
     views, index = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8), torch.arange(3).view(1, 3)
     rois = torch.tensor([[[0, 0, 64, 64], [8, 8, 40, 40], [16, 16, 32, 32]]], dtype=torch.float)
     assert loaded.predict(views, index, rois) == model.predict(views, index, rois)
+
+
+def test_blip2_directory_initialises_qformer_queries_and_the_lm_projection(tmp_path):
+    """A BLIP-2 Hugging Face directory gives the Q-former, its (frozen) query tokens and, as the official code,
+    the LM projection (``language_projection`` -> t5_proj)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = DynRefer(tiny())
+    state = {f"qformer.{k}": torch.randn_like(v) for k, v in source.embedding.qformer.qformer.state_dict().items()}
+    state["query_tokens"] = torch.randn(1, 32, source.cfg.qformer.hidden_size)
+    proj = source.language.proj
+    state["language_projection.weight"] = torch.randn_like(proj.weight)
+    state["language_projection.bias"] = torch.randn_like(proj.bias)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    cfg = tiny()
+    cfg.qformer.path = str(tmp_path)
+    m = DynRefer(cfg)
+    assert torch.equal(m.language.proj.weight, state["language_projection.weight"])
+    assert torch.equal(m.language.proj.bias, state["language_projection.bias"])
+    assert torch.equal(m.embedding.qformer.query_tokens, state["query_tokens"][:, : cfg.qformer.num_queries])
+    assert not m.embedding.qformer.query_tokens.requires_grad
+    for k, v in m.embedding.qformer.qformer.state_dict().items():
+        assert torch.equal(v, state[f"qformer.{k}"]), k
+    state["language_projection.weight"] = torch.randn(3, 3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="language_projection"):
+        DynRefer(cfg)
