@@ -51,6 +51,7 @@ class ModelInputs:
     captions: list[str]
     tags: list[list[str]]
     region_ids: list[str]
+    view_boxes: np.ndarray | None = None  # (B, V, 4) int64, each chosen view's crop box in image pixels
 
     def __len__(self) -> int:
         return len(self.region_ids)
@@ -250,7 +251,7 @@ def build_inputs(rows: Sequence[Mapping[str, Any]], images: Mapping[str, Image.I
         view_index[of_file] = index.reshape(len(of_file), v) + sum(len(p) for p in parts)
         parts.append(views)
     views = np.concatenate(parts)
-    return ModelInputs(views=views, view_index=view_index, rois=rois, ts=ts,
+    return ModelInputs(views=views, view_index=view_index, rois=rois, ts=ts, view_boxes=boxes,
                        captions=[str(r.get("caption") or "") for r in rows],
                        tags=[[str(t) for t in (r.get("tags") if r.get("tags") is not None else [])] for r in rows],
                        region_ids=[str(r.get("region_id")) for r in rows])

@@ -69,7 +69,8 @@ def _load_error(name: str, err: Exception) -> ImageError:
     return ImageError("corrupt", f"{name}: corrupt image data ({text})")
 
 
-def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Any decoded image as RGB: 16-bit and float greys scaled to 8 bits, palettes and alpha dropped."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -124,12 +125,12 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, name: str = "image")
         upright = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError):
         upright = img
-    return _to_rgb(upright, name)
+    return to_rgb(upright, name)
 
 
 def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     """JPEG bytes of an image (converted to RGB first when needed), for storing decoded crops or images."""
-    rgb = img if img.mode == "RGB" else _to_rgb(img, "image")
+    rgb = img if img.mode == "RGB" else to_rgb(img, "image")
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)
     return out.getvalue()
