@@ -2,7 +2,10 @@
 
 Each variant of ``configs/ablation/*.yaml`` trains ``tiny`` with the training pipeline (Ray Train + DeepSpeed on
 the local Ray cluster) and captions the same held-out regions with its own inference-time views; the table gives
-METEOR and CIDEr (pycocoevalcap, the split scored whole) and category accuracy (the contrastive head's class prompts).
+METEOR and CIDEr (pycocoevalcap, the split scored whole), what the captions say slot by slot (the share naming the
+right shape, colour, pattern and size, all four, and the relation where the reference has one; parsed with the
+corpus's grammar by :mod:`dynrefer.caption_content`), tag precision/recall, and category accuracy (the
+contrastive head's class prompts).
 Finished runs are reused (their export exists), so an interrupted ablation resumes where it stopped.
 
     python benchmarks/ablation.py --config configs/ablation/tiny.yaml   # needs demo/prepared (`make demo`)
@@ -26,6 +29,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dynrefer import metrics, storage  # noqa: E402
+from dynrefer.caption_content import content_scores  # noqa: E402
 from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E402
 from dynrefer.config import _build  # noqa: E402
 from pipelines.args import setup_logging  # noqa: E402
@@ -93,7 +97,7 @@ def train_variant(ablation: Ablation, variant: Variant) -> str:
 
 def held_out_rows(ablation: Ablation) -> list[dict[str, Any]]:
     """The first ``max_regions`` regions of the split (by region id), the same for every variant."""
-    table = region_table([ablation.prepared], None, ROW_COLUMNS + ["split", "category"])
+    table = region_table([ablation.prepared], None, ROW_COLUMNS + ["split", "category", "attributes", "image_id"])
     rows = [r for r in table.to_pylist() if r["split"] == ablation.split]
     rows.sort(key=lambda r: (len(r["region_id"]), r["region_id"]))
     if not rows:
@@ -114,6 +118,7 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
     prepared_size = prepared_view_size([ablation.prepared], None)
     images = load_images(r["file"] for r in rows)
     captions: dict[str, str] = {}
+    said: dict[tuple[str, str], dict[str, Any]] = {}
     correct = recognised = 0
     start = time.perf_counter()
     for i in range(0, len(rows), ablation.batch_size):
@@ -123,6 +128,11 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
         preds = model.predict(*(torch.from_numpy(a) for a in (inputs.views, inputs.view_index, inputs.rois)))
         for row, pred in zip(chunk, preds):
             captions[row["region_id"]] = pred.caption
+            rec = pred.recognition
+            said[(str(row["image_id"]), str(row["region_id"]))] = {
+                "caption": pred.caption, "tags": [t for t, _ in pred.tags],
+                "category": rec.category if rec else None, "attributes": [a for a, _ in rec.attributes] if rec else [],
+                "attribute_scores": rec.attribute_scores if rec else {}}
             if pred.recognition is not None and row.get("category"):
                 recognised += 1
                 correct += pred.recognition.category == row["category"]
@@ -130,8 +140,14 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
     references = {r["region_id"]: list(r["captions"] or [r["caption"]]) for r in rows}
     scores = metrics.caption_scores(captions, references, meteor)
     example = rows[0]["region_id"]
+    content = content_scores(rows, said)
+    slots = {s: 100 * v["correct"] for s, v in content["slots"].items()}
     return {"variant": variant.name, "views": cfg.views.num_views, "inference": variant.inference,
-            "meteor": 100 * scores["meteor"], "cider": 100 * scores["cider"],
+            "meteor": 100 * scores["meteor"], "cider": 100 * scores["cider"], "slots": slots,
+            "relation_precision": 100 * content["slots"]["relation"]["precision"],
+            "all_four": 100 * content["all_four"], "all_four_size_optional": 100 * content["all_four_size_optional"],
+            "tag_precision": 100 * content["tags"]["precision"], "tag_recall": 100 * content["tags"]["recall"],
+            "regions_with_tags": 100 * sum(bool(p["tags"]) for p in said.values()) / len(said),
             "category_accuracy": 100 * correct / recognised if recognised else None,
             "regions": scores["regions"], "regions_per_second": len(rows) / seconds,
             "example": {"region_id": example, "prediction": captions[example], "reference": references[example][0]}}
@@ -139,12 +155,18 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
 
 def markdown(results: list[dict[str, Any]], ablation: Ablation) -> str:
     lines = [f"Tiny, {ablation.max_steps} steps per variant, {results[0]['regions']} held-out regions "
-             f"({ablation.split} split).", "",
-             "| variant | views | inference views | METEOR | CIDEr | category acc. |", "|---|---|---|---|---|---|"]
+             f"({ablation.split} split). Slots: % of regions whose caption names it right (relation: of the regions "
+             "whose reference names one; rel. prec.: right when named).", "",
+             "| variant | views | inference views | METEOR | CIDEr | shape | colour | pattern | size | all four "
+             "| relation | rel. prec. | tags P / R | category acc. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         acc = "-" if r["category_accuracy"] is None else f"{r['category_accuracy']:.1f}"
+        s = r["slots"]
         lines.append(f"| {r['variant']} | {r['views']} | {r['inference']} | {r['meteor']:.1f} | {r['cider']:.1f} "
-                     f"| {acc} |")
+                     f"| {s['shape']:.1f} | {s['colour']:.1f} | {s['pattern']:.1f} | {s['size']:.1f} "
+                     f"| {r['all_four']:.1f} | {s['relation']:.1f} | {r['relation_precision']:.1f} "
+                     f"| {r['tag_precision']:.0f} / {r['tag_recall']:.0f} | {acc} |")
     return "\n".join(lines) + "\n"
 
 
