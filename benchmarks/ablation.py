@@ -45,6 +45,7 @@ class Variant:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     inference: str = "phash"  # fixed | random (drawn per region, seeded) | phash
     trained_as: str | None = None  # reuse another variant's trained model
+    fixed_ts: list[float] | None = None  # inference "fixed": these views instead of the model config's
 
 
 @dataclass
@@ -114,6 +115,8 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
 
     model = load_pretrained(export)
     cfg = model.cfg
+    if variant.fixed_ts is not None:
+        cfg.views = dataclasses.replace(cfg.views, fixed_ts=list(variant.fixed_ts))
     mode = "train" if variant.inference == "random" else variant.inference  # "train" draws at random
     prepared_size = prepared_view_size([ablation.prepared], None)
     images = load_images(r["file"] for r in rows)
