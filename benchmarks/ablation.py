@@ -33,7 +33,8 @@ from dynrefer.caption_content import content_scores  # noqa: E402
 from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E402
 from dynrefer.config import _build  # noqa: E402
 from pipelines.args import setup_logging  # noqa: E402
-from pipelines.train import ROW_COLUMNS, TrainJob, merge, prepared_view_size, region_table  # noqa: E402
+from dynrefer.config import merge  # noqa: E402
+from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table  # noqa: E402
 
 log = logging.getLogger("dynrefer.ablation")
 INFERENCE = ("fixed", "random", "phash")

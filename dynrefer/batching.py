@@ -56,6 +56,15 @@ class ModelInputs:
     def __len__(self) -> int:
         return len(self.region_ids)
 
+    def to_tensors(self, device: Any = "cpu") -> tuple[Any, Any, Any]:
+        """views (N, S, S, 3) uint8, view_index (B, V) int64 and rois (B, V, 4) float32 as tensors on ``device``:
+        the model's ``forward``/``predict`` inputs. Read-only arrays (Ray Data's) are copied, as torch needs
+        writable ones."""
+        import torch
+
+        arrays = (np.require(a, requirements="W") for a in (self.views, self.view_index, self.rois))
+        return tuple(torch.from_numpy(a).to(device) for a in arrays)
+
     def region_views(self) -> np.ndarray:
         """Each region's own views.  # (B, V, S, S, 3) uint8"""
         return self.views[self.view_index]

@@ -201,6 +201,14 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, recursively for nested mappings (model_overrides, dotted flags)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def config_path(name_or_path: str) -> Path:
     """Resolve ``tiny`` to ``configs/model/tiny.yaml`` in this repository, or return the given path."""
     p = Path(name_or_path)

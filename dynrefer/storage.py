@@ -149,3 +149,14 @@ def local_copy(uri: str, storage_options: StorageOptions | None = None, cache_di
         fs.get(path, target)
     open(done, "w").close()
     return target
+
+
+def arrow_filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[Any, str]:
+    """A pyarrow filesystem (with the explicit S3 settings) and the path in it, for Ray Data and Ray Train."""
+    import pyarrow.fs
+
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    fs, path = filesystem(uri, storage_options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

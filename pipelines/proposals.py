@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from dynrefer import storage
-from dynrefer.config import _build
+from dynrefer.config import _build, merge
 from dynrefer.datasets import read_visual_genome
 from dynrefer.proposals import (
     REGION_LABEL,
@@ -57,7 +57,6 @@ from pipelines.train import (
     WorkerSection,
     all_mean,
     inject_fault,
-    merge,
     saved_train_state,
     trainer_settings,
     write_checkpoint,

@@ -36,8 +36,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynrefer import storage
+from dynrefer.storage import arrow_filesystem
 from dynrefer.batching import ModelInputs, build_inputs, load_images, region_rng
-from dynrefer.config import DynReferConfig, ViewConfig, _build, load_config
+from dynrefer.config import DynReferConfig, ViewConfig, _build, load_config, merge
 from dynrefer.tags import TagVocabulary
 from pipelines.args import (absolute, add_ray_args, add_storage_args, init_ray, read_job_file, setup_logging,
                             storage_options_from_args)
@@ -250,18 +251,6 @@ class TrainState:
 
 # --- the driver: vocabularies, model config, DeepSpeed config, datasets -----------------------------------------
 
-def arrow_filesystem(uri: str, storage_options: storage.StorageOptions | None = None
-                     ) -> tuple[pa.fs.FileSystem, str]:
-    """A pyarrow filesystem (with the explicit S3 settings) and the path in it, for Ray Data and Ray Train."""
-    import pyarrow.fs
-
-    if not storage.is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-    fs, path = storage.filesystem(uri, storage_options)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
-
-
 def region_table(paths: list[str], storage_options: storage.StorageOptions | None, columns: list[str]) -> pa.Table:
     """Some columns of every prepared row, across all the prepared directories."""
     tables = []
@@ -298,14 +287,6 @@ def caption_words(captions: list[str | None]) -> list[str]:
     split = pre_tokenizers.Whitespace()
     counts = Counter(w for c in captions if c for w, _ in split.pre_tokenize_str(c.lower()))
     return [w for w, _ in sorted(counts.items(), key=lambda wn: (-wn[1], wn[0]))]
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` merged in, recursively for nested mappings."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def resolved_model_config(model: str, overrides: dict[str, Any]) -> DynReferConfig:
@@ -687,14 +668,8 @@ class DDPStepper:
 
 
 def tensors(inputs: ModelInputs, device: Any) -> tuple[Any, Any, Any]:
-    """views (N, S, S, 3) uint8, view_index (B, V) int64 and rois (B, V, 4) float32 as tensors on the device.
-
-    Ray Data hands out read-only arrays; torch needs writable ones, so those are copied.
-    """
-    import torch
-
-    arrays = (np.require(a, requirements="W") for a in (inputs.views, inputs.view_index, inputs.rois))
-    return tuple(torch.from_numpy(a).to(device) for a in arrays)
+    """:meth:`ModelInputs.to_tensors`, as the steppers' argument builders call it."""
+    return inputs.to_tensors(device)
 
 
 def all_mean(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:

@@ -20,10 +20,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torc
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from dynrefer import datasets, storage  # noqa: E402
+from dynrefer.config import merge  # noqa: E402
 from dynrefer.preprocess import PrepareConfig  # noqa: E402
 from pipelines.prepare import PrepareJob, prepare_shard, summarize  # noqa: E402
 from pipelines.train import (DataSection, EvalSection, FaultSection, OptimizerSection, ScheduleSection,  # noqa: E402
-                             TrainJob, WorkerSection, caption_words, deepspeed_config, merge)
+                             TrainJob, WorkerSection, caption_words, deepspeed_config)
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
