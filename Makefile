@@ -5,11 +5,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-export RAY_AUTH_MODE ?= disabled
+# Ray's token auth on every local cluster: GCS, raylets and the job API listen beyond loopback (Ray binds every
+# interface), so without a token anyone on the network can run code here. The token lives in the project's cache
+# (0600), not ~/.ray; `ray job submit` and `serve deploy` read it from the same two variables.
+export RAY_AUTH_MODE ?= token
+export RAY_AUTH_TOKEN_PATH ?= $(CURDIR)/.cache/ray/auth_token
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv token test test-fast demo bench clean
 
 venv: $(STAMP)
+
+token: $(RAY_AUTH_TOKEN_PATH)
+
+$(RAY_AUTH_TOKEN_PATH): | $(STAMP)
+	$(PY) -c "import sys; from pipelines.args import write_token; write_token(sys.argv[1])" '$@'
 
 $(STAMP): pyproject.toml
 	command -v java >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends default-jre-headless; }
@@ -20,16 +29,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) token
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) token
 	$(PY) -m pytest -q -ra -m "not slow"
 
-demo: $(STAMP)
+demo: $(STAMP) token
 	$(VENV)/bin/dynrefer demo
 
-bench: $(STAMP)
+bench: $(STAMP) token
 	OMP_NUM_THREADS=1 $(PY) benchmarks/phash.py
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/serve_load.py

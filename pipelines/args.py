@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+import secrets
+from typing import Any, Mapping, MutableMapping
 
 import yaml
 
@@ -67,15 +68,104 @@ def storage_options_from_args(args: argparse.Namespace,
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="Ray cluster address, e.g. 'auto' inside `ray job submit` (default: start a local cluster)")
+                   help="Ray cluster address, e.g. 'auto' inside `ray job submit` (default: start a local cluster, "
+                        "with Ray's token auth and without the dashboard)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard with the local cluster (off by default: it serves the job API)")
+
+
+#: Project cache folder (the Makefile's ``.cache``): the checkout's when run from one, else ``DYNREFER_CACHE``.
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> str:
+    """``DYNREFER_CACHE``, else ``.cache`` of the checkout (where the Makefile keeps torch extensions too)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("DYNREFER_CACHE") or os.path.join(PROJECT_ROOT, ".cache")
+
+
+def default_token_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where local clusters keep their token: inside the project's cache, not Ray's ``~/.ray/auth_token``."""
+    return os.path.join(cache_dir(environ), "ray", "auth_token")
+
+
+def write_token(path: str) -> str:
+    """Create ``path`` with a fresh random token, readable by its owner only; an existing token is kept.
+
+    Ray itself, asked for token auth without a token, writes one to ``~/.ray/auth_token`` whatever
+    ``RAY_AUTH_TOKEN_PATH`` says, so the file must exist before Ray starts.
+    """
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            if f.read().strip():
+                return path
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def secure_ray_env(environ: MutableMapping[str, str] | None = None, force: bool = False) -> str | None:
+    """Turn on Ray's token auth for the clusters this process starts, and for the processes it starts.
+
+    Sets ``RAY_AUTH_MODE=token`` and, unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` already name a token,
+    ``RAY_AUTH_TOKEN_PATH`` to :func:`default_token_path`, creating the token (0600) where it is missing. An
+    explicit ``RAY_AUTH_MODE=disabled`` is kept (with a warning) unless ``force``. Returns the token file, or
+    None when auth stays off or the token comes from ``RAY_AUTH_TOKEN``.
+    """
+    import logging
+
+    environ = os.environ if environ is None else environ
+    mode = environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token" and not force:
+        logging.getLogger("dynrefer").warning(
+            "RAY_AUTH_MODE=%s: the local Ray cluster takes jobs from anyone who can reach its ports", mode)
+        return None
+    environ["RAY_AUTH_MODE"] = "token"
+    path = None
+    if not (environ.get("RAY_AUTH_TOKEN") and not environ.get("RAY_AUTH_TOKEN_PATH")):
+        path = write_token(environ.setdefault("RAY_AUTH_TOKEN_PATH", default_token_path(environ)))
+    if environ is os.environ:
+        _refresh_ray_auth()
+    return path
+
+
+def _refresh_ray_auth() -> None:
+    """Make an already imported Ray see the new variables: its C++ config and token loader cache them at import
+    (Ray's own ``_enable_token_auth`` does the same ``Config.initialize``)."""
+    import sys
+
+    if "ray._raylet" not in sys.modules:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def init_ray(args: argparse.Namespace, worker_logs: bool = False) -> None:
     """Connect to (or start) Ray. ``worker_logs``: the workers' log lines are the program's progress display
-    (Ray Train loops), and Ray Data's progress bars are turned off so as not to interleave with them."""
+    (Ray Train loops), and Ray Data's progress bars are turned off so as not to interleave with them.
+
+    A local cluster (no ``--address``) gets token auth (:func:`secure_ray_env`) and no dashboard unless
+    ``--dashboard``. Connecting to a cluster, the token comes from the environment (``ray job submit`` hands
+    the job's driver its cluster's); outside one, the project's token is used when it exists and nothing
+    else was set.
+    """
     import ray
 
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=worker_logs)
+    if args.address is None:
+        secure_ray_env()
+        ray.init(ignore_reinit_error=True, log_to_driver=worker_logs,
+                 include_dashboard=bool(getattr(args, "dashboard", False)))
+    else:
+        if "RAY_AUTH_MODE" not in os.environ and os.path.exists(default_token_path()):
+            secure_ray_env()
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=worker_logs)
     if worker_logs:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

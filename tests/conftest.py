@@ -30,12 +30,16 @@ def s3_server() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[Any]:
-    """One real local Ray cluster (2 CPUs) for every test that needs Ray; shut down at the end of the session."""
-    import os
+    """One real local Ray cluster (2 CPUs) for every test that needs Ray; shut down at the end of the session.
 
+    It runs with Ray's token auth, the token in the project's cache (as ``make test`` sets it up), and without
+    the dashboard; processes the tests start inherit the two variables and so can join it.
+    """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from pipelines.args import secure_ray_env
+
+    secure_ray_env(force=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

@@ -1,0 +1,150 @@
+"""Ray's token auth on the project's clusters: clients without the token are refused by the GCS, the raylet and
+the job API; the pipelines' own local clusters start with it, the token in the project's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import requests
+
+from pipelines.args import default_token_path, secure_ray_env, write_token
+from tests.ray_nodes import REPO, RayNodes, token_env, wait_for
+
+
+def _gcs_call(address: str, token: str | None):
+    """NodeInfoGcsService.GetAllNodeInfo on the GCS with ``token`` (None: no authorization metadata)."""
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        return stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), metadata=metadata, timeout=20)
+
+
+def _raylet_call(address: str, token: str | None):
+    from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+    with grpc.insecure_channel(address) as channel:
+        stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+        return stub.GetSystemConfig(node_manager_pb2.GetSystemConfigRequest(), metadata=metadata, timeout=20)
+
+
+def _code(call, *args) -> grpc.StatusCode:
+    try:
+        call(*args)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.timeout(300)
+def test_a_token_cluster_refuses_clients_without_its_token(tmp_path):
+    token_path = write_token(str(tmp_path / "token"))
+    token = open(token_path).read().strip()
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600 and len(token) == 64
+    with RayNodes(token_env(token_path)) as nodes:
+        gcs = nodes.head(num_cpus=1)
+        host = gcs.rsplit(":", 1)[0]
+
+        # The GCS: no token and a wrong token are refused before any handler runs; the right one answers.
+        assert _code(_gcs_call, gcs, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(_gcs_call, gcs, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
+        nodes_info = _gcs_call(gcs, token).node_info_list
+        assert len(nodes_info) == 1
+        raylet = f"{host}:{nodes_info[0].node_manager_port}"
+
+        # The raylet, reached directly.
+        assert _code(_raylet_call, raylet, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(_raylet_call, raylet, token) == grpc.StatusCode.OK
+
+        # The job API of the dashboard agent (up even without the dashboard): a job without the token is refused
+        # and never runs; with it, the same request runs.
+        jobs = f"http://{host}:{nodes.agent_port}/api/job_agent/jobs/"
+        wait_for(lambda: _answers(jobs), 60, "the job agent")
+        refused, ran = tmp_path / "refused", tmp_path / "ran"
+        r = requests.post(jobs, json={"entrypoint": f"touch {refused}"}, timeout=30)
+        assert r.status_code == 401, r.text
+        r = requests.post(jobs, json={"entrypoint": f"touch {refused}"}, timeout=30,
+                          headers={"Authorization": "Bearer " + "0" * 64})
+        assert r.status_code in (401, 403), r.text
+        r = requests.post(jobs, json={"entrypoint": f"touch {ran}"}, timeout=60,
+                          headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        wait_for(ran.exists, 90, "the authorised job's file")
+        time.sleep(2)
+        assert not refused.exists()
+
+        # A driver holding the token works as usual.
+        driver = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(address=%r, log_to_driver=False); "
+             "print(ray.get(ray.remote(lambda: 41 + 1).remote()))" % gcs],
+            env=token_env(token_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert driver.returncode == 0 and driver.stdout.strip().endswith("42"), driver.stderr[-2000:]
+        assert not nodes.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=5)
+        return True
+    except requests.RequestException:
+        return False
+
+
+LOCAL_CLUSTER = r"""
+import argparse, json, os, grpc, ray
+from pipelines.args import init_ray
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+init_ray(argparse.Namespace(address=None, dashboard=False))
+gcs = ray.get_runtime_context().gcs_address
+with grpc.insecure_channel(gcs) as ch:
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(ch).GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(),
+                                                                        timeout=20)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+node = ray._private.worker.global_worker.node
+print(json.dumps({"code": code, "mode": os.environ.get("RAY_AUTH_MODE"), "path": os.environ.get("RAY_AUTH_TOKEN_PATH"),
+                  "dashboard": bool(ray._private.worker.get_dashboard_url()),
+                  "answer": ray.get(ray.remote(lambda: 6 * 7).remote())}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_pipelines_local_cluster_starts_with_token_auth_and_no_dashboard(tmp_path):
+    """`init_ray` without --address (every `dynrefer` stage run locally): token auth on, its token created 0600 in
+    the project's cache (not ~/.ray), no dashboard; an unauthenticated client is refused by its GCS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path / "home"), DYNREFER_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", LOCAL_CLUSTER], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    token_path = str(tmp_path / "cache" / "ray" / "auth_token")
+    assert got == {"code": "UNAUTHENTICATED", "mode": "token", "path": token_path, "dashboard": False, "answer": 42}
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+    assert not (tmp_path / "home" / ".ray").exists()
+
+
+def test_secure_ray_env_keeps_a_given_token_and_an_explicit_opt_out(tmp_path):
+    env = {"DYNREFER_CACHE": str(tmp_path)}
+    assert secure_ray_env(env) == default_token_path(env) == str(tmp_path / "ray" / "auth_token")
+    first = open(env["RAY_AUTH_TOKEN_PATH"]).read()
+    assert env["RAY_AUTH_MODE"] == "token" and secure_ray_env(dict(env)) and open(default_token_path(env)).read() == first
+    given = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "given")}
+    assert secure_ray_env(given) == str(tmp_path / "given") and (tmp_path / "given").read_text() != first
+    assert secure_ray_env({"RAY_AUTH_MODE": "disabled"}) is None
+    forced = {"RAY_AUTH_MODE": "disabled", "DYNREFER_CACHE": str(tmp_path)}
+    assert secure_ray_env(forced, force=True) and forced["RAY_AUTH_MODE"] == "token"
+    only_env = {"RAY_AUTH_TOKEN": "x" * 32}
+    assert secure_ray_env(only_env) is None and "RAY_AUTH_TOKEN_PATH" not in only_env
