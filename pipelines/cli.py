@@ -63,6 +63,8 @@ PIPELINES = {
     "caption": ("pipelines.caption", "Ray Data batch inference: captions and tags for every prepared region"),
     "evaluate": ("pipelines.evaluate", "score predictions: METEOR/CIDEr, DenseCap mAP, attribute mAP, recognition"),
     "serve": ("pipelines.serve", "Ray Serve app: region captions over HTTP (JSON API and a web page)"),
+    "convert-official": ("pipelines.convert_official", "the authors' released checkpoint and the weights it "
+                         "builds on -> an export (config.json + model.safetensors)"),
 }
 
 
