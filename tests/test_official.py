@@ -538,3 +538,44 @@ def test_lm_of_another_width_is_refused(files, tmp_path):
     with pytest.raises(ValueError, match=r"the LM's width is 2048, but t5_proj"):
         convert_official.convert(files["checkpoint"], files["encoder"], files["blip2"], str(lm_dir), files["tags"],
                                  str(tmp_path / "out"), config=files["config"])
+
+
+def test_blip2_from_a_hugging_face_directory(files, tmp_path):
+    from safetensors.torch import save_file
+
+    blip2 = files["blip2_state"]
+    hf = tmp_path / "blip2-flan-t5-xl"
+    hf.mkdir()
+    save_file({"query_tokens": blip2["query_tokens"], "vision_model.post_layernorm.weight": blip2["ln_vision.weight"],
+               "vision_model.post_layernorm.bias": blip2["ln_vision.bias"],
+               "language_projection.weight": blip2["t5_proj.weight"]}, str(hf / "model.safetensors"))
+    frozen = official.blip2_frozen(str(hf))
+    assert set(frozen) == set(official.FROM_BLIP2)
+    assert torch.equal(frozen["encoder.ln_vision.bias"], blip2["ln_vision.bias"])
+    assert torch.equal(frozen["embedding.qformer.query_tokens"], blip2["query_tokens"])
+    (hf / "model.safetensors").unlink()
+    save_file({"query_tokens": blip2["query_tokens"]}, str(hf / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"blip2-flan-t5-xl: .*lacks \['vision_model.post_layernorm.weight'"):
+        official.blip2_frozen(str(hf))
+
+
+def test_every_path_may_be_s3(files, s3_server):
+    from dynrefer import storage
+
+    opts = s3_server["storage_options"]
+    storage.filesystem("s3://official/", opts)[0].mkdir("official")
+    fs = storage.filesystem("s3://official/", opts)[0]
+    for name in ("vg1.2_5e.pth", "blip2_pretrained_flant5xl.pth", "clip.pt", "eva_clip_psz14.pt", "ram_tag_list.txt",
+                 "ovad2000.json"):
+        fs.put(str(files["root"] / name), f"official/in/{name}")
+    fs.put(str(files["root"] / "flan-t5") + "/", "official/in/flan-t5/", recursive=True)
+    uri = "s3://official/in/"
+    summary = convert_official.convert(uri + "vg1.2_5e.pth", uri + "clip.pt", uri + "blip2_pretrained_flant5xl.pth",
+                                       uri + "flan-t5", uri + "ram_tag_list.txt", "s3://official/export",
+                                       text_tower=uri + "eva_clip_psz14.pt", ovad=uri + "ovad2000.json",
+                                       config=files["config"], storage_options=opts)
+    assert summary["encoder"] == "s3://official/export/encoder.safetensors"
+    model = load_pretrained("s3://official/export", opts)
+    text = files["text_state"]["text.text_projection"]
+    assert torch.equal(model.encoder.clip.state_dict()["text_projection"], text)
+    assert torch.equal(model.language.control.detach(), files["state"]["cem_memory"])
