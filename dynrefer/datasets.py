@@ -167,6 +167,109 @@ def _image_dir(root: str, candidates: Iterable[str], storage_options: StorageOpt
     return storage.join(root, names[0])
 
 
+# --- streaming JSON: annotation files are read entry by entry, never whole -----------------------------------------
+
+def iter_json_array(uri: str, storage_options: StorageOptions | None = None, prefix: str = "item",
+                    where: str = "top level") -> Iterator[Any]:
+    """The entries of the JSON array at ``prefix`` (``"item"``: the top level; ``"images.item"``: an object's
+    ``images``), parsed one at a time with ijson, so that memory holds one entry and not the file.
+
+    Numbers come as ``int`` or ``float`` (as :mod:`json` gives them). A top level that is not an array raises the
+    ValueError the whole-file readers gave; malformed JSON a ValueError naming the file. ``prefix`` other than
+    ``"item"`` yields nothing when the key is absent (callers check for it).
+    """
+    import itertools
+
+    import ijson
+
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        events = ijson.parse(f, use_float=True)
+        try:
+            if prefix == "item":
+                first = next(events, None)
+                if first is None or first[1] != "start_array":
+                    kind = {"start_map": "dict {...}", None: "nothing"}.get(first and first[1], repr(first and first[2]))
+                    raise _error(uri, where, f"expected a list, got {kind}")
+                events = itertools.chain([first], events)
+            yield from ijson.items(events, prefix, use_float=True)
+        except ijson.JSONError as e:
+            raise ValueError(f"{uri}: invalid JSON: {e}") from None
+
+
+def _json_has_key(uri: str, key: str, storage_options: StorageOptions | None) -> bool:
+    """Whether the top-level object of a JSON file has ``key`` (streamed: the values are skipped, not built)."""
+    import ijson
+
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        try:
+            for prefix, event, value in ijson.parse(f):
+                if prefix == "" and event == "map_key" and value == key:
+                    return True
+                if prefix == "" and event not in ("start_map", "map_key", "end_map"):
+                    return False
+        except ijson.JSONError as e:
+            raise ValueError(f"{uri}: invalid JSON: {e}") from None
+    return False
+
+
+def _top_level_kinds(uri: str, storage_options: StorageOptions | None) -> dict[str, str]:
+    """key -> the ijson event that starts its value (``start_array``, ``start_map``, ``string``...) for the
+    top-level object of a JSON file, tokenised in one pass without building the values."""
+    import ijson
+
+    kinds: dict[str, str] = {}
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        events = ijson.parse(f)
+        try:
+            first = next(events, None)
+            if first is None or first[1] != "start_map":
+                raise _error(uri, "top level", "expected an object, got "
+                             + {"start_array": "list [...]", None: "nothing"}.get(first and first[1], "a scalar"))
+            key = None
+            for prefix, event, value in events:
+                if prefix == "" and event == "map_key":
+                    key = value
+                elif key is not None and prefix == key and key not in kinds:
+                    kinds[key] = event
+        except ijson.JSONError as e:
+            raise ValueError(f"{uri}: invalid JSON: {e}") from None
+    return kinds
+
+
+def _section(uri: str, kinds: dict[str, str], key: str, storage_options: StorageOptions | None) -> Iterator[Any]:
+    """The entries of the top-level list ``key`` of a COCO-format file, streamed; a missing or non-list value
+    raises as :func:`_field` would."""
+    if key not in kinds:
+        raise _error(uri, "top level", f"field '{key}' missing")
+    if kinds[key] != "start_array":
+        raise _error(uri, "top level", f"field '{key}' must be a list, got {kinds[key]}")
+    return iter_json_array(uri, storage_options, prefix=f"{key}.item")
+
+
+class _Lookahead:
+    """Entries of a second per-image array, looked up while the first is streamed.
+
+    Visual Genome's files (and the synthetic corpus's) list images in the same order, so each lookup reads the
+    next entry and the buffer of entries read ahead stays empty; any other order still gives the right answer,
+    with the buffer growing to the entries skipped over.
+    """
+
+    def __init__(self, entries: Iterator[tuple[str, Any]]):
+        self.entries, self.ahead = entries, {}
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        if key in self.ahead:
+            return self.ahead.pop(key)
+        for k, value in self.entries:
+            if k == key:
+                return value
+            self.ahead[k] = value
+        return default
+
+
 # --- splits -------------------------------------------------------------------------------------------------------
 
 def _split_ids(uri: str, split: str | None, storage_options: StorageOptions | None) -> dict[str, str | None]:
@@ -263,16 +366,16 @@ class _VGImageFiles:
 
 
 def _vg_objects(root: str, storage_options: StorageOptions | None
-                ) -> dict[str, list[tuple[list[float], str | None, list[str]]]]:
-    """image id -> [(box, name, attributes)] from attributes.json (or objects.json); empty when neither exists."""
+                ) -> Iterator[tuple[str, list[tuple[list[float], str | None, list[str]]]]]:
+    """(image id, [(box, name, attributes)]) per entry of attributes.json (or objects.json), streamed; nothing
+    when neither exists."""
     for name, key in (("attributes.json", "attributes"), ("objects.json", "objects")):
         uri = storage.join(root, name)
         if storage.exists(uri, storage_options):
             break
     else:
-        return {}
-    out: dict[str, list[tuple[list[float], str | None, list[str]]]] = {}
-    for i, entry in enumerate(_list(storage.read_json(uri, storage_options), uri, "top level")):
+        return
+    for i, entry in enumerate(iter_json_array(uri, storage_options)):
         image_id = str(_field(entry, ("image_id", "id"), "id", uri, f"entry {i}"))
         objects = []
         for j, obj in enumerate(_field(entry, key, "list", uri, f"image {image_id}", optional=True) or []):
@@ -281,8 +384,7 @@ def _vg_objects(root: str, storage_options: StorageOptions | None
             names = _strings(obj, "names", uri, where) if "names" in obj else \
                 [n for n in [_field(obj, "name", "str", uri, where, optional=True)] if n]
             objects.append((box, names[0] if names else None, _strings(obj, "attributes", uri, where)))
-        out[image_id] = objects
-    return out
+        yield image_id, objects
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
@@ -333,14 +435,14 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
     image_uri = storage.join(root, "image_data.json")
     sizes: dict[str, tuple[int | None, int | None]] = {}
     urls: dict[str, str | None] = {}
-    for i, entry in enumerate(_list(storage.read_json(image_uri, storage_options), image_uri, "top level")):
+    for i, entry in enumerate(iter_json_array(image_uri, storage_options)):
         image_id = str(_field(entry, ("image_id", "id"), "id", image_uri, f"entry {i}"))
         sizes[image_id] = _size(entry, image_uri, f"image {image_id}")
         urls[image_id] = _field(entry, "url", "str", image_uri, f"image {image_id}", optional=True)
 
     region_uri = storage.join(root, "region_descriptions.json")
-    entries = _list(storage.read_json(region_uri, storage_options), region_uri, "top level")
-    objects = _vg_objects(root, storage_options) if use_objects else {}
+    entries = iter_json_array(region_uri, storage_options)
+    objects = _Lookahead(_vg_objects(root, storage_options) if use_objects else iter(()))
     files = _VGImageFiles(root, urls.values(), storage_options)
     for i, entry in enumerate(entries):
         try:
@@ -352,6 +454,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
             yield {"image_id": f"entry-{i}", "file": "", "width": None, "height": None, "regions": [],
                    "split": None, "error": str(e)}
             continue
+        image_objects = objects.pop(image_id, [])
         if splits is not None and image_id not in splits:
             continue
         regions = []
@@ -369,7 +472,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
                                 "error": str(e)})
                 continue
             regions.append(make_region(region_id, box, phrase))
-        _match_objects([r for r in regions if "error" not in r], objects.get(image_id, []), min_object_iou)
+        _match_objects([r for r in regions if "error" not in r], image_objects, min_object_iou)
         width, height = sizes.get(image_id, (None, None))
         file = files.find(image_id, urls.get(image_id))
         yield {"image_id": image_id, "file": file, "width": width, "height": height, "regions": regions,
@@ -500,17 +603,29 @@ _RegionBuilder = Callable[[dict[str, Any], str, list[float], str], "RegionRecord
 _SplitOf = Callable[[dict[str, Any], str], "tuple[bool, str | None]"]
 
 
-def _coco_like(data: Any, uri: str, image_root: str, region: _RegionBuilder, split_of: _SplitOf
-               ) -> Iterator[ImageRecord]:
-    """Shared walk over a parsed COCO-format file, one record per image (images without boxes included).
+def _coco_categories(uri: str, kinds: dict[str, str], storage_options: StorageOptions | None) -> dict[str, str]:
+    categories: dict[str, str] = {}
+    for i, cat in enumerate(_section(uri, kinds, "categories", storage_options)):
+        categories[str(_field(cat, "id", "id", uri, f"categories[{i}]"))] = \
+            _field(cat, "name", "str", uri, f"categories[{i}]")
+    return categories
 
-    ``region`` builds a region from an annotation (None skips it); ``split_of`` says whether to keep an image
-    and its split label.
+
+def _coco_like(uri: str, storage_options: StorageOptions | None, image_root: str, region: _RegionBuilder,
+               split_of: _SplitOf, kinds: dict[str, str] | None = None) -> Iterator[ImageRecord]:
+    """Shared walk over a COCO-format file, one record per image (images without boxes included).
+
+    The file is streamed section by section (``categories``, ``images``, ``annotations``), so memory holds the
+    regions built, not the parsed file (whose segmentation polygons are most of COCO's size). ``region`` builds
+    a region from an annotation (None skips it); ``split_of`` says whether to keep an image and its split label.
     """
-    images, categories = _coco_tables(data, uri)
+    kinds = kinds if kinds is not None else _top_level_kinds(uri, storage_options)
+    for key in ("images", "categories"):
+        _section(uri, kinds, key, storage_options)  # a missing section fails before any work
+    categories = _coco_categories(uri, kinds, storage_options)
     kept: list[tuple[str, str, int | None, int | None, str | None]] = []
     known: set[str] = set()
-    for i, img in enumerate(images):
+    for i, img in enumerate(_section(uri, kinds, "images", storage_options)):
         image_id = str(_field(img, "id", "id", uri, f"images[{i}]"))
         where = f"image {image_id}"
         known.add(image_id)
@@ -519,7 +634,7 @@ def _coco_like(data: Any, uri: str, image_root: str, region: _RegionBuilder, spl
         if keep:
             kept.append((image_id, file_name, *_size(img, uri, where), label))
     by_image: dict[str, list[RegionRecord]] = defaultdict(list)
-    for i, ann in enumerate(_field(data, "annotations", "list", uri, "top level")):
+    for i, ann in enumerate(_section(uri, kinds, "annotations", storage_options)):
         ann_id = _field(ann, "id", "id", uri, f"annotations[{i}]")
         where = f"annotation {ann_id}"
         image_id = str(_field(ann, "image_id", "id", uri, where))
@@ -531,7 +646,7 @@ def _coco_like(data: Any, uri: str, image_root: str, region: _RegionBuilder, spl
             by_image[image_id].append(built)
     for image_id, file_name, width, height, label in kept:
         yield {"image_id": image_id, "file": storage.join(image_root, file_name), "width": width,
-               "height": height, "regions": by_image.get(image_id, []), "split": label}
+               "height": height, "regions": by_image.pop(image_id, []), "split": label}
 
 
 def read_coco_instances(instances_json: str, image_root: str, split: str | None = None,
@@ -548,20 +663,18 @@ def read_coco_instances(instances_json: str, image_root: str, split: str | None 
             return None
         return make_region(ann["id"], box, category=category)
 
-    data = storage.read_json(instances_json, storage_options)
-    return _coco_like(data, instances_json, image_root, region, lambda img, where: (True, split))
+    return _coco_like(instances_json, storage_options, image_root, region, lambda img, where: (True, split))
 
 
 def ovad_attributes(ovad_json: str, storage_options: StorageOptions | None = None) -> list[OvadAttribute]:
     """OVAD's attribute vocabulary, ordered by id; ``attribute_labels`` of OVAD regions align with it."""
-    return _ovad_attributes(storage.read_json(ovad_json, storage_options), ovad_json)
+    return _ovad_attributes(ovad_json, _top_level_kinds(ovad_json, storage_options), storage_options)
 
 
-def _ovad_attributes(data: Any, uri: str) -> list[OvadAttribute]:
-    if not isinstance(data, dict):
-        raise _error(uri, "top level", f"expected an object, got {_describe(data)}")
+def _ovad_attributes(uri: str, kinds: dict[str, str], storage_options: StorageOptions | None
+                     ) -> list[OvadAttribute]:
     out: list[OvadAttribute] = []
-    for i, att in enumerate(_field(data, "attributes", "list", uri, "top level")):
+    for i, att in enumerate(_section(uri, kinds, "attributes", storage_options)):
         where = f"attributes[{i}]"
         out.append({
             "id": _field(att, "id", "int", uri, where), "name": _field(att, "name", "str", uri, where),
@@ -584,8 +697,8 @@ def read_ovad(ovad_json: str, image_root: str, split: str | None = None,
     -1 ignore) for evaluation. Images carry an optional ``set`` ("train300"...), used as the split label;
     ``split`` keeps only the images of that set.
     """
-    data = storage.read_json(ovad_json, storage_options)
-    names = [a["name"] for a in _ovad_attributes(data, ovad_json)]
+    kinds = _top_level_kinds(ovad_json, storage_options)
+    names = [a["name"] for a in _ovad_attributes(ovad_json, kinds, storage_options)]
 
     def region(ann: dict[str, Any], where: str, box: list[float], category: str) -> RegionRecord:
         vec = _field(ann, "att_vec", "list", ovad_json, where)
@@ -599,4 +712,4 @@ def read_ovad(ovad_json: str, image_root: str, split: str | None = None,
         image_set = _field(img, "set", "str", ovad_json, where, optional=True)
         return split is None or image_set == split, image_set
 
-    return _coco_like(data, ovad_json, image_root, region, split_of)
+    return _coco_like(ovad_json, storage_options, image_root, region, split_of, kinds)
