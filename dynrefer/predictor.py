@@ -23,6 +23,7 @@ from PIL import Image
 
 from dynrefer import storage
 from dynrefer.batching import ModelInputs, build_inputs
+from dynrefer.config import DynReferConfig
 from dynrefer.imageio import ImageError, decode_image, to_rgb
 from dynrefer.model import DynRefer, RegionPrediction
 from dynrefer.preprocess import PrepareConfig, region_rows
@@ -105,10 +106,11 @@ def mask_box(mask: np.ndarray | Image.Image, name: str = "mask") -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def image_inputs(image: Image.Image, boxes: Sequence[Sequence[float]], model: DynRefer, name: str = "image",
-                 mode: str | None = None) -> ModelInputs:
-    """The model inputs of ``boxes`` on one decoded image; a bad box raises a ValueError naming it."""
-    cfg = model.cfg
+def image_inputs(image: Image.Image, boxes: Sequence[Sequence[float]], model: DynRefer | DynReferConfig,
+                 name: str = "image", mode: str | None = None) -> ModelInputs:
+    """The model inputs of ``boxes`` on one decoded image; a bad box raises a ValueError naming it. ``model`` may
+    be the model's config alone (a CPU preprocessing worker has no weights)."""
+    cfg = model if isinstance(model, DynReferConfig) else model.cfg
     prep = PrepareConfig(view_size=cfg.image_size, candidate_ts=list(cfg.views.candidate_ts), hash=cfg.views.hash)
     record = {"image_id": name, "file": name, "regions": [{"region_id": str(i), "box": list(b)}
                                                           for i, b in enumerate(boxes)]}
@@ -172,6 +174,11 @@ class Predictor:
             return []
         regions = self._predict([image_inputs(img, [b for b, _ in kept], self.model)], list(texts or []))
         return [_with(r, score=s) for r, (_, s) in zip(regions, kept)]
+
+    def predict_inputs(self, inputs: Sequence[ModelInputs], texts: Sequence[str] = ()) -> list[Region]:
+        """Regions of already built inputs (:func:`image_inputs`), all in forwards of at most ``max_regions``;
+        Serve batches several requests' inputs through here."""
+        return self._predict(inputs, list(texts))
 
     def _predict(self, inputs: Sequence[ModelInputs], texts: list[str]) -> list[Region]:
         from dynrefer.batching import concat_views, take_regions

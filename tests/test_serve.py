@@ -216,8 +216,8 @@ def test_prepare_request_gives_the_batch_pipelines_views(tiny_cfg):
     want = build_inputs(rows, {"f": decode_image(image)}, tiny_cfg.views, tiny_cfg.image_size, "phash",
                         prepared_size=tiny_cfg.image_size)
     assert not errors
-    np.testing.assert_array_equal(got.views, want.views)
-    np.testing.assert_array_equal(got.rois, want.rois)
+    np.testing.assert_array_equal(got.inputs.views, want.views)
+    np.testing.assert_array_equal(got.inputs.rois, want.rois)
     assert got.view_ts == want.ts.astype(float).round(6).tolist() and all(t[0] == 0.0 for t in got.view_ts)
     assert all(len(vb) == 3 and vb[-1][2] - vb[-1][0] >= vb[0][2] - vb[0][0] for vb in got.view_boxes)
 
@@ -257,7 +257,7 @@ def test_proposals_are_filtered_ranked_and_capped(tiny_cfg):
             return proposed
 
     got = prepare_request(picture(), None, [], tiny_cfg, "fixed", LIMITS, FixedProposals(), Dense(min_score=0.3))
-    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5, 0.4] and got.view_index.shape == (4, 3)
+    assert got.source == "proposals" and got.scores == [0.9, 0.6, 0.5, 0.4] and got.inputs.view_index.shape == (4, 3)
     assert got.view_ts == [[0.0, 0.5, 1.0]] * 4 and got.boxes[-1] == [0.0, 230.0, 40.0, 240.0]
 
 
@@ -310,14 +310,15 @@ def test_category_and_attributes_reach_the_response_and_are_null_without_labels(
 
     item = prepare_request(picture(seed=4), [[10, 20, 100, 120], [150, 60, 290, 200]], ["red"], tiny_cfg, "phash",
                            LIMITS)
-    inputs = [torch.from_numpy(x) for x in (item.views, item.view_index, item.rois)]
+    inputs = [torch.from_numpy(x) for x in (item.inputs.views, item.inputs.view_index, item.inputs.rois)]
     cfgs = {"both": with_recognition(tiny_cfg), "categories": with_recognition(tiny_cfg, attributes=()),
             "none": tiny_cfg}
     for name, cfg in cfgs.items():
         torch.manual_seed(5)
         model = DynRefer(cfg).eval()
         direct = model.predict(*inputs, texts=["red"])
-        regions = [RegionOut.model_validate(r) for r in region_results(item, predict_items(model, [item], 8)[0])]
+        regions = [RegionOut.model_validate(r) for r in region_results(item, predict_items(model, [item], 8)[0],
+                                                                        bool(cfg.recognition.attributes))]
         assert len(regions) == 2
         for got, want in zip(regions, direct):
             if name == "none":
@@ -335,7 +336,7 @@ def test_category_and_attributes_reach_the_response_and_are_null_without_labels(
             assert sorted(a.name for a in got.attributes) == sorted(cfg.recognition.attributes)
             for a in got.attributes:
                 assert a.score == pytest.approx(rec.attribute_scores[a.name], rel=1e-4, abs=1e-6)
-    as_json = region_results(item, predict_items(model, [item], 8)[0])[0]
+    as_json = region_results(item, predict_items(model, [item], 8)[0], False)[0]
     assert as_json["category"] is None and as_json["attributes"] is None
 
 

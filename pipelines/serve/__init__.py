@@ -1,0 +1,42 @@
+"""Ray Serve application: region captions, tags and text scores over HTTP, with a web page to try it.
+
+Three deployments, each a thin class around pure functions:
+
+* ``Ingress`` (:mod:`.app`, FastAPI): reads and checks requests (:mod:`.requests`) and answers in JSON
+  (:mod:`.schemas`, :mod:`.errors`);
+* ``Preprocess`` (CPU, :mod:`.deployments`): decodes the image once and builds every region's views, pHASH codes
+  and model inputs with the library's functions (:mod:`.preprocess` over :func:`dynrefer.predictor.image_inputs`);
+  it also runs the proposal model for ``/v1/dense`` when the config has one;
+* ``Predictor``: the model behind :class:`dynrefer.predictor.Predictor`, one forward for many requests
+  (``@serve.batch``, :mod:`.predict`).
+
+Preprocess hands its arrays straight to the Predictor (a DeploymentResponse passed as an argument), so the pixels
+never travel through the ingress. Run it with
+
+    dynrefer serve --config configs/serve/local.yaml      # or: python -m pipelines.serve --config ...
+    serve run configs/serve/local.yaml            # or: serve deploy configs/serve/local.yaml
+
+Settings are :mod:`.config`; the command line is :mod:`.cli`; the page is ``static/index.html``.
+"""
+
+from .app import PAGE, app, app_builder
+from .cli import main, parser, read_serve_file
+from .config import (
+    Autoscaling, Batching, Dense, DeploymentSettings, Limits, ServeConfig, deployment_options, model_config,
+    parse_config,
+)
+from .deployments import Predictor, Preprocess, replica_processes
+from .errors import RequestError, bounded, clip_text, error_response, guarded, request_id
+from .predict import Answer, BatchStats, predict_items, region_results
+from .preprocess import Prepared, prepare_request
+from .requests import Payload, check_boxes, check_texts, parse_payload, read_body
+from .schemas import ErrorBody, RegionOut, RegionsRequest, RegionsResponse
+
+__all__ = [
+    "PAGE", "Answer", "Autoscaling", "BatchStats", "Batching", "Dense", "DeploymentSettings", "ErrorBody", "Limits",
+    "Payload", "Predictor", "Prepared", "Preprocess", "RegionOut", "RegionsRequest", "RegionsResponse",
+    "RequestError", "ServeConfig", "app", "app_builder", "bounded", "check_boxes", "check_texts", "clip_text",
+    "deployment_options", "error_response", "guarded", "main", "model_config", "parse_config", "parse_payload",
+    "parser", "predict_items", "prepare_request", "read_body", "read_serve_file", "region_results",
+    "replica_processes", "request_id",
+]
