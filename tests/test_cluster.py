@@ -138,7 +138,7 @@ def makefile_torch_pins() -> list[str]:
 
 def test_every_kind_has_a_manifest() -> None:
     kinds = sorted(manifest(n)["kind"] for n in MANIFESTS)
-    assert kinds == ["RayJob", "RayJob", "RayService"]
+    assert kinds == ["RayJob", "RayJob", "RayJob", "RayService"]
 
 
 @pytest.mark.parametrize("name", MANIFESTS)

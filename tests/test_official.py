@@ -579,3 +579,26 @@ def test_every_path_may_be_s3(files, s3_server):
     text = files["text_state"]["text.text_projection"]
     assert torch.equal(model.encoder.clip.state_dict()["text_projection"], text)
     assert torch.equal(model.language.control.detach(), files["state"]["cem_memory"])
+
+
+def test_the_rayjob_converts_captions_and_evaluates_one_chain():
+    """cluster/kuberay/rayjob-official.yaml: each command parses with its own program, and each stage reads what
+    the one before it writes."""
+    import os
+    import shlex
+
+    from pipelines import caption, evaluate
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "cluster", "kuberay", "rayjob-official.yaml")) as f:
+        job = yaml.safe_load(f)
+    commands = [shlex.split(c) for c in job["spec"]["entrypoint"].split("&&")]
+    assert [c[:2] for c in commands] == [["dynrefer", "convert-official"], ["python", "-m"], ["python", "-m"]]
+    assert [c[2] for c in commands[1:]] == ["pipelines.caption", "pipelines.evaluate"]
+    conv = convert_official.parser().parse_args(commands[0][2:])
+    cap = caption.parser().parse_args(commands[1][3:])
+    ev = evaluate.parser().parse_args(commands[2][3:])
+    assert conv.checkpoint.endswith("refcocog_ft.pth") and conv.tag_threshold == 0.76
+    assert cap.model == conv.out and cap.address == "auto" and cap.split == "val"
+    assert ev.predictions == cap.out + "/captions" and ev.prepared == cap.prepared
+    assert os.path.isfile(os.path.join(repo, ev.config))
