@@ -4,6 +4,7 @@
     model = dynrefer.load("demo/runs/tiny/export", device="cpu")       # an export, local or s3://
     preds = model.caption(image, boxes=[[x1, y1, x2, y2], ...])        # PIL image, ndarray, path or bytes
     preds = model.caption(image, masks=[mask, ...])                    # binary masks -> their tight boxes
+    preds = model.caption(image, masks=[{"size": [h, w], "counts": "..."}])  # COCO RLE, PNG bytes or base64 too
     dense = dynrefer.load(export, proposals="demo/runs/proposals/export").dense(image)
 
 Every prediction is a :class:`Region`. Regions of one image share its decoded pixels and its identical views;
@@ -142,7 +143,7 @@ class Predictor:
             raise ValueError("caption: give either boxes or masks")
         mask_ids = None
         if masks is not None:
-            boxes = [mask_box(m, f"masks[{i}]") for i, m in enumerate(masks)]
+            boxes = [mask_box(_mask(m, f"masks[{i}]"), f"masks[{i}]") for i, m in enumerate(masks)]
             mask_ids = list(range(len(masks)))
         regions = self.caption_images([(image, boxes)], texts)[0]
         return regions if mask_ids is None else [_with(r, mask_id=i) for r, i in zip(regions, mask_ids)]
@@ -215,6 +216,15 @@ def _region(p: RegionPrediction, box: list[float], views: list[View]) -> Region:
     return Region(box=box, caption=p.caption, caption_score=p.caption_score, tags=p.tags,
                   category=r.category if r else None, category_score=r.category_score if r else None,
                   attributes=r.attributes if r else [], text_scores=p.text_scores, views=views)
+
+
+def _mask(mask: Any, name: str) -> np.ndarray | Image.Image:
+    """A mask as given, or decoded when it is PNG bytes, base64 or a COCO RLE (:func:`dynrefer.masks.decode_mask`)."""
+    if isinstance(mask, (np.ndarray, Image.Image)):
+        return mask
+    from dynrefer.masks import decode_mask
+
+    return decode_mask(mask, name)
 
 
 def _with(region: Region, **changes: Any) -> Region:
