@@ -270,7 +270,8 @@ def eva_vision_state(state: Mapping[str, torch.Tensor], uri: str) -> tuple[dict[
 def eva_text_state(state: Mapping[str, torch.Tensor], uri: str) -> dict[str, torch.Tensor]:
     """The text tower (``text.*``) as open_clip names it: EVA-CLIP's TextTransformer has open_clip's names, and
     its own ``text.logit_scale`` is open_clip's top-level ``logit_scale``."""
-    text = {("logit_scale" if k == "text.logit_scale" else k): v for k, v in state.items() if k.startswith("text.")}
+    text = {("logit_scale" if k == "text.logit_scale" else k): v for k, v in state.items()
+            if k.startswith("text.") and k != "text.attn_mask"}  # the causal mask, should a file hold it
     if not text:
         raise ValueError(f"{uri}: no text tower (expected 'text.*' keys, as in eva_clip_psz14.pt; "
                          f"give it as --text-tower)")
