@@ -4,7 +4,12 @@ Prints regions/s of (a) the Ray Data stage on a local cluster, (b) a plain singl
 work (read, decode, views, pHASH), and (c) JPEG decoding alone; then the peak memory of the Ray job's processes
 on a corpus 10x larger, which should stay about the same (streaming).
 
+With ``--annotations-only``: the driver's peak memory while it plans the prepare job over Visual-Genome-layout
+annotations written as text (no pixels), at ``--regions`` and 10x as many; each size is planned by a fresh
+process, whose peak RSS is reported. Streaming annotations and shard plan files keep it flat.
+
     .venv/bin/python benchmarks/prepare.py --images 200
+    .venv/bin/python benchmarks/prepare.py --annotations-only --regions 540000
 """
 
 from __future__ import annotations
@@ -56,12 +61,100 @@ class PeakRSS:
         self._thread.join()
 
 
+PHRASES = ("a small red circle left of a large blue square", "the striped green triangle", "a dotted yellow star",
+           "large purple hexagon above a tiny orange circle", "the plain white square near the edge")
+SHAPES = ("circle", "square", "triangle", "star", "hexagon")
+ATTRIBUTES = ('"red","striped","small"', '"blue","plain","large"', '"green","dotted","tiny"')
+
+
+def write_annotations(root: str, num_images: int, regions_per_image: int) -> int:
+    """image_data.json, region_descriptions.json and attributes.json of a VG-layout corpus, as text, no pixels.
+
+    Every region is also an object of attributes.json (as in the synthetic corpus), in the same image order.
+    Returns the size of region_descriptions.json in bytes."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "image_data.json"), "w") as f:
+        f.write("[" + ",".join(f'{{"image_id":{i},"url":"images/{i}.jpg","width":640,"height":480,'
+                               f'"coco_id":null,"flickr_id":null}}' for i in range(1, num_images + 1)) + "]")
+    with open(os.path.join(root, "region_descriptions.json"), "w") as regions, \
+            open(os.path.join(root, "attributes.json"), "w") as attributes:
+        regions.write("[")
+        attributes.write("[")
+        rid = 0
+        for i in range(1, num_images + 1):
+            rs, os_ = [], []
+            for j in range(regions_per_image):
+                rid += 1
+                x, y, w, h = (rid * 7) % 600, (rid * 13) % 440, 8 + (rid * 3) % 200, 8 + (rid * 5) % 150
+                rs.append(f'{{"region_id":{rid},"image_id":{i},"phrase":"{PHRASES[rid % 5]}",'
+                          f'"x":{x},"y":{y},"width":{w},"height":{h}}}')
+                os_.append(f'{{"object_id":{rid},"x":{x},"y":{y},"w":{w},"h":{h},"names":["{SHAPES[rid % 5]}"],'
+                           f'"synsets":[],"attributes":[{ATTRIBUTES[rid % 3]}]}}')
+            sep = "," if i > 1 else ""
+            regions.write(f'{sep}{{"id":{i},"regions":[{",".join(rs)}]}}')
+            attributes.write(f'{sep}{{"image_id":{i},"attributes":[{",".join(os_)}]}}')
+        regions.write("]")
+        attributes.write("]")
+    return os.path.getsize(os.path.join(root, "region_descriptions.json"))
+
+
+def plan_child(root: str, out: str) -> None:
+    """Plan the prepare job of ``root`` (what the driver does before any worker starts) and print JSON with this
+    process's peak RSS."""
+    import json
+    import resource
+
+    from pipelines.prepare import PrepareJob, plan_shards
+
+    t = time.perf_counter()
+    plan = plan_shards(PrepareJob(dataset="vg", root=root, out=out, images_per_shard=64))
+    print(json.dumps({"seconds": round(time.perf_counter() - t, 1), "shards": plan.shards, "images": plan.images,
+                      "regions": plan.input_regions,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def annotations_only(regions: int, regions_per_image: int, scale: int) -> None:
+    import json
+    import shutil
+    import subprocess
+
+    work = tempfile.mkdtemp(prefix="dynrefer-bench-plan-")
+    try:
+        results = []
+        for n in (regions, regions * scale):
+            root = os.path.join(work, f"vg-{n}")
+            t = time.perf_counter()
+            size = write_annotations(root, n // regions_per_image, regions_per_image)
+            written = time.perf_counter() - t
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), "--plan-child", root,
+                                    os.path.join(work, f"out-{n}")], capture_output=True, text=True, check=True)
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            results.append(result)
+            print(f"{result['regions']:>9} regions ({result['images']} images, region_descriptions.json "
+                  f"{size / 1e6:.0f} MB, written in {written:.0f}s): planned in {result['seconds']:.0f}s, "
+                  f"{result['shards']} shards, driver peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+            shutil.rmtree(root)
+            shutil.rmtree(os.path.join(work, f"out-{n}"))
+        print(f"driver peak, {scale}x corpus / 1x corpus: {results[1]['peak_rss_mib'] / results[0]['peak_rss_mib']:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=200, help="images in the corpus timed side by side")
     ap.add_argument("--view-size", type=int, default=64)
     ap.add_argument("--memory-scale", type=int, default=10, help="the larger corpus is this many times larger")
+    ap.add_argument("--annotations-only", action="store_true",
+                    help="only the driver's planning memory over text annotations (no pixels, no Ray)")
+    ap.add_argument("--regions", type=int, default=540_000, help="--annotations-only: regions of the smaller corpus")
+    ap.add_argument("--regions-per-image", type=int, default=50)
+    ap.add_argument("--plan-child", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.plan_child:
+        return plan_child(*args.plan_child)
+    if args.annotations_only:
+        return annotations_only(args.regions, args.regions_per_image, args.memory_scale)
 
     import ray
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -129,41 +130,103 @@ def prepare_shard(shard: int, records: list[dict[str, Any]], job: PrepareJob) ->
 
 
 class PrepareShards:
-    """Ray Data stage: a thin callable around :func:`prepare_shard`, one shard per batch row."""
+    """Ray Data stage: a thin callable around :func:`prepare_shard`, one shard per batch row.
+
+    A row carries the shard's plan file (a URI), not its records: the driver never holds more than one shard.
+    """
 
     def __init__(self, job: dict[str, Any]):
         self.job = _build(PrepareJob, job, "job")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [prepare_shard(int(s), json.loads(r), self.job) for s, r in zip(batch["shard"], batch["records"])]
+        so = self.job.storage_options or None
+        results = []
+        for shard, plan in zip(batch["shard"], batch["plan"]):
+            results.append(prepare_shard(int(shard), read_plan(str(plan), so), self.job))
+            try:  # the shard is written: its plan is no longer needed (a rerun skips the shard)
+                fs, path = storage.filesystem(str(plan), so)
+                fs.rm(path)
+            except OSError:
+                pass
         return {k: np.array([r[k] for r in results]) for k in results[0]}
 
 
-def plan_shards(job: PrepareJob) -> list[list[dict[str, Any]]]:
-    """Cut the records into shards in reading order; the same inputs give the same shards on every run."""
-    shards: list[list[dict[str, Any]]] = [[]]
+@dataclass
+class Plan:
+    """What planning found: the shard count, images and regions of the whole input, and the shards to do."""
+
+    shards: int = 0
+    images: int = 0
+    input_regions: int = 0
+    todo: list[int] = field(default_factory=list)
+
+
+def iter_shards(job: PrepareJob) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(index, records) per shard in reading order, one shard in memory at a time; the same inputs give the same
+    shards on every run."""
+    shard: list[dict[str, Any]] = []
+    index = 0
     for record in read_records(job):
-        if len(shards[-1]) == job.images_per_shard:
-            shards.append([])
-        shards[-1].append(record)
-    return shards if shards[0] else []
+        shard.append(record)
+        if len(shard) == job.images_per_shard:
+            yield index, shard
+            index, shard = index + 1, []
+    if shard:
+        yield index, shard
 
 
-def check_manifest(job: PrepareJob, num_shards: int, force: bool) -> None:
-    """A rerun must prepare the same thing into the same place; a different one needs --force."""
+def plan_uri(job: PrepareJob, index: int) -> str:
+    return storage.join(job.out, "plan", shard_name(index).replace(".parquet", ".json.gz"))
+
+
+def read_plan(uri: str, storage_options: storage.StorageOptions | None) -> list[dict[str, Any]]:
+    return json.loads(gzip.decompress(storage.read_bytes(uri, storage_options)))
+
+
+def plan_shards(job: PrepareJob, done: set[str] | frozenset[str] = frozenset()) -> Plan:
+    """Stream the annotations into shards, writing each shard not in ``done`` to its plan file
+    (``out/plan/shard-NNNNN.json.gz``) for a worker to read; the driver's memory holds one shard, whatever the
+    corpus's size."""
     so = job.storage_options or None
-    manifest = {"dataset": job.dataset, "root": job.root, "split": job.split, "shards": num_shards,
-                "images_per_shard": job.images_per_shard, "prepare": dataclasses.asdict(job.prepare)}
+    plan = Plan()
+    for index, records in iter_shards(job):
+        plan.shards += 1
+        plan.images += len(records)
+        plan.input_regions += sum(len(r.get("regions") or []) for r in records)
+        if shard_name(index) not in done:
+            data = gzip.compress(json.dumps(records, separators=(",", ":")).encode(), compresslevel=1)
+            storage.write_bytes(plan_uri(job, index), data, so)
+            plan.todo.append(index)
+    return plan
+
+
+def _manifest(job: PrepareJob, num_shards: int | None) -> dict[str, Any]:
+    return {"dataset": job.dataset, "root": job.root, "split": job.split, "shards": num_shards,
+            "images_per_shard": job.images_per_shard, "prepare": dataclasses.asdict(job.prepare)}
+
+
+def check_manifest(job: PrepareJob, num_shards: int | None, force: bool) -> None:
+    """A rerun must prepare the same thing into the same place; a different one needs --force.
+
+    ``num_shards=None`` (before planning) compares everything but the shard count and writes nothing, except
+    that ``force`` empties the output; with the count (after planning) the manifest is compared and written.
+    """
+    so = job.storage_options or None
+    manifest = _manifest(job, num_shards)
     uri = storage.join(job.out, "manifest.json")
     if storage.exists(uri, so) and not force:
         old = storage.read_json(uri, so)
+        if num_shards is None:
+            old = {**old, "shards": None}
         if old != manifest:
             raise ValueError(f"{job.out} holds a different preparation ({uri}); use a new --out or --force")
-    if force:
-        for sub in ("regions", "errors"):
-            for name in storage.listdir(storage.join(job.out, sub), so):
-                fs, path = storage.filesystem(storage.join(job.out, sub, name), so)
-                fs.rm(path)
+    if num_shards is None:
+        if force:
+            for sub in ("regions", "errors", "plan"):
+                for name in storage.listdir(storage.join(job.out, sub), so):
+                    fs, path = storage.filesystem(storage.join(job.out, sub, name), so)
+                    fs.rm(path)
+        return
     storage.write_json(uri, manifest, so)
 
 
@@ -174,50 +237,64 @@ def run(job: PrepareJob, force: bool = False, progress: bool = True) -> dict[str
 
     so = job.storage_options or None
     start = time.perf_counter()
-    shards = plan_shards(job)
-    check_manifest(job, len(shards), force)
+    check_manifest(job, None, force)
     done = set(storage.listdir(storage.join(job.out, "regions"), so))
-    todo = [i for i in range(len(shards)) if shard_name(i) not in done]
-    log.info("%d shards (%d images); %d already written, %d to do", len(shards), sum(map(len, shards)),
-             len(shards) - len(todo), len(todo))
+    plan = plan_shards(job, done)
+    check_manifest(job, plan.shards, force)
+    log.info("%d shards (%d images); %d already written, %d to do", plan.shards, plan.images,
+             plan.shards - len(plan.todo), len(plan.todo))
     results: list[dict[str, Any]] = []
-    if todo:
-        items = [{"shard": i, "records": json.dumps(shards[i])} for i in todo]
+    if plan.todo:
+        items = [{"shard": i, "plan": plan_uri(job, i)} for i in plan.todo]
         workers = job.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             PrepareShards, fn_constructor_kwargs={"job": dataclasses.asdict(job)}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))), num_cpus=1,
         )
-        with tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="prepare", disable=not progress) as bar:
+        with tqdm(total=plan.images, initial=plan.images - _images_todo(plan, job), unit="img", desc="prepare",
+                  disable=not progress) as bar:
             for row in ds.iter_rows():
                 results.append(row)
                 bar.update(int(row["images"]))
                 bar.set_postfix(regions=sum(int(r["regions"]) for r in results),
                                 errors=sum(int(r["region_errors"]) + int(r["image_errors"]) for r in results))
-    input_regions = sum(len(r.get("regions") or []) for shard in shards for r in shard)
-    summary = summarize(job, len(shards), input_regions, time.perf_counter() - start)
-    summary["shards_written_now"] = len(todo)
+    input_regions = plan.input_regions
+    summary = summarize(job, plan.shards, input_regions, time.perf_counter() - start)
+    summary["shards_written_now"] = len(plan.todo)
     storage.write_json(storage.join(job.out, "summary.json"), summary, so)
     return summary
+
+
+def _images_todo(plan: Plan, job: PrepareJob) -> int:
+    """Images in the shards to do (every shard is full but the last)."""
+    last = plan.shards - 1
+    return sum(plan.images - last * job.images_per_shard if i == last else job.images_per_shard for i in plan.todo)
 
 
 def summarize(job: PrepareJob, num_shards: int, input_regions: int, seconds: float) -> dict[str, Any]:
     """Counts over every shard on disk (not just this run's), the tag vocabulary, and the balance check."""
     so = job.storage_options or None
-    fs, path = storage.filesystem(storage.join(job.out, "regions"), so)
-    regions = pq.read_table(path, filesystem=fs, columns=["region_id", "tags"]) if num_shards else None
-    fs_e, path_e = storage.filesystem(storage.join(job.out, "errors"), so)
-    errors = pq.read_table(path_e, filesystem=fs_e, columns=["region_id", "reason"]) if num_shards else None
-    n_rows = regions.num_rows if regions is not None else 0
-    region_errors = errors.filter(errors["region_id"].is_valid()).num_rows if errors is not None else 0
-    image_errors = errors.num_rows - region_errors if errors is not None else 0
-    reasons: dict[str, int] = {}
-    if errors is not None:
-        for reason in errors["reason"].to_pylist():
-            reasons[reason] = reasons.get(reason, 0) + 1
-    if regions is not None:
-        counts = Counter(t for tags in regions["tags"].to_pylist() for t in tags)
+    n_rows = region_errors = image_errors = 0
+    reasons: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for sub, columns in (("regions", ["tags"]), ("errors", ["region_id", "reason"])):
+        # One shard file at a time, so the driver's memory does not grow with the corpus here either.
+        names = [n for n in storage.listdir(storage.join(job.out, sub), so) if n.startswith("shard-")
+                 and n.endswith(".parquet")] if num_shards else []  # not a killed writer's .tmp-PID file
+        for name in names:
+            fs, path = storage.filesystem(storage.join(job.out, sub, name), so)
+            table = pq.read_table(path, filesystem=fs, columns=columns)
+            if sub == "regions":
+                n_rows += table.num_rows
+                counts.update(t for tags in table["tags"].to_pylist() for t in tags)
+            else:
+                with_region = table.filter(table["region_id"].is_valid()).num_rows
+                region_errors += with_region
+                image_errors += table.num_rows - with_region
+                reasons.update(table["reason"].to_pylist())
+    if num_shards:
         TagVocabulary.from_counts(counts).save(storage.join(job.out, "tags.json"), so)
+    reasons = dict(reasons)
     return {
         "shards": num_shards, "input_regions": input_regions, "regions": n_rows, "region_errors": region_errors,
         "image_errors": image_errors, "errors_by_reason": reasons, "balanced": input_regions == n_rows + region_errors,

@@ -185,6 +185,32 @@ def test_visual_genome_broken_json(tmp_path):
         list(read_visual_genome(root))
 
 
+def test_visual_genome_objects_in_another_order_than_the_regions(tmp_path):
+    """attributes.json is streamed in step with region_descriptions.json; when the two list images in different
+    orders (or one lacks an image) every region still gets its own image's objects."""
+    root = _dataset(tmp_path, "vg", VG_IMAGES)
+    _edit_json(os.path.join(root, "attributes.json"), lambda d: d.reverse())
+    assert list(read_visual_genome(root)) == _vg_expected(root, split=("train", "train", "val"))
+    _edit_json(os.path.join(root, "attributes.json"), lambda d: d.pop())  # image 1's objects, now last, gone
+    got = list(read_visual_genome(root))
+    assert got[0]["regions"][0]["category"] is None and got[1] == _vg_expected(root, ("train", "train", "val"))[1]
+
+
+def test_annotation_arrays_are_streamed_not_loaded(tmp_path):
+    """A truncated region_descriptions.json yields its complete entries before the error (the whole-file parser
+    yields none): the reader holds one entry at a time."""
+    from dynrefer.datasets import iter_json_array
+
+    path = tmp_path / "a.json"
+    path.write_text('[{"id": 1, "regions": []}, {"id": 2, "regions": [{"x": 1.5}]}, {"id": 3, "reg')
+    got = []
+    with pytest.raises(ValueError, match=r"a\.json: invalid JSON"):
+        for entry in iter_json_array(str(path)):
+            got.append(entry)
+    assert got == [{"id": 1, "regions": []}, {"id": 2, "regions": [{"x": 1.5}]}]
+    assert type(got[1]["regions"][0]["x"]) is float and type(got[0]["id"]) is int
+
+
 # --- RefCOCOg -------------------------------------------------------------------------------------------------------
 
 def _refcocog_expected(folder: str):
