@@ -148,8 +148,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "(eva_clip_psz14.pt) or an open_clip EVA01-g-14 checkpoint")
     p.add_argument("--text-tower", help="the EVA-CLIP text tower: eva_clip_psz14.pt (its text.*); default: the "
                                         "encoder file's own text.*")
-    p.add_argument("--blip2", required=True, help="BLIP-2 FlanT5-XL: LAVIS blip2_pretrained_flant5xl.pth or a Hugging "
-                                                  "Face Blip2ForConditionalGeneration directory (query_tokens, ln_vision)")
+    p.add_argument("--blip2", required=True, help="BLIP-2 FlanT5-XL: LAVIS blip2_pretrained_flant5xl.pth or a "
+                                                  "Hugging Face Blip2ForConditionalGeneration directory "
+                                                  "(query_tokens, ln_vision)")
     p.add_argument("--lm", required=True, help="Flan-T5-XL Hugging Face directory (safetensors)")
     p.add_argument("--ram-tags", required=True, help="the RAM tag list, ram_tag_list.txt (one tag a line)")
     p.add_argument("--ovad", help="OVAD annotations JSON (ovad2000.json): attributes and classes for recognition")

@@ -72,9 +72,9 @@ def files(tmp_path_factory):
     torch.manual_seed(3)
     clip = open_clip.CLIP(**cfg.encoder.model_cfg)
     torch.save({"state_dict": clip.state_dict()}, root / "clip.pt")
-    text_tower = {("text." + k if k != "logit_scale" else "text.logit_scale"): random_tensor(tuple(v.shape), gen)
-                  for k, v in clip.state_dict().items() if k.startswith(("token_embedding", "positional_embedding",
-                                                                            "transformer.", "ln_final", "text_projection"))}
+    text_keys = ("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection")
+    text_tower = {"text." + k: random_tensor(tuple(v.shape), gen) for k, v in clip.state_dict().items()
+                  if k.startswith(text_keys)}
     text_tower["text.logit_scale"] = torch.tensor(math.log(1 / 0.07))
     torch.save(text_tower, root / "eva_clip_psz14.pt")
     lm, tokenizer = load_lm(cfg.language)
@@ -268,7 +268,8 @@ def test_the_export_names_the_frozen_parts_and_the_data(converted, files):
     assert cfg["recognition"]["categories"] == ["person", "Dog"]  # by id
     # the text tower came from the EVA-CLIP file, the vision tower from the encoder's
     text = files["text_state"]
-    for k in ("text.token_embedding.weight", "text.transformer.resblocks.0.attn.in_proj_weight", "text.text_projection"):
+    for k in ("text.token_embedding.weight", "text.transformer.resblocks.0.attn.in_proj_weight",
+              "text.text_projection"):
         ours = k.removeprefix("text.")  # open_clip's CLIP keeps the text tower at the top level (EVA01-g-14: text.*)
         torch.testing.assert_close(model.encoder.clip.state_dict()[ours], text[k].double(), atol=0, rtol=0)
     vision = files["clip"].state_dict()
@@ -362,7 +363,8 @@ def test_official_config_expects_exactly_the_released_keys(paper_meta):
     assert official.official_shapes(paper_meta) == paper_official_keys()
     # and every one converts to a tensor of ours of that shape (none unmapped, none missing)
     ours = dict(paper_meta.named_parameters())
-    converted = official.convert_state_dict({k: torch.empty(s, device="meta") for k, s in paper_official_keys().items()})
+    released = {k: torch.empty(s, device="meta") for k, s in paper_official_keys().items()}
+    converted = official.convert_state_dict(released)
     trainable = {k for k, p in ours.items() if p.requires_grad and not k.startswith("embedding.encoder.")}
     assert set(converted) == trainable
     assert all(tuple(converted[k].shape) == tuple(ours[k].shape) for k in converted)
@@ -378,8 +380,8 @@ def test_official_config_is_the_papers_model(paper_meta):
 
 def eva_lavis_shapes(blocks: int, c: int = 1408, mlp: int = 6144, grid: int = 16, patch: int = 14) -> dict:
     """LAVIS ``eva_vit_g.pth``'s keys (create_eva_vit_g: patch 14, qkv without bias plus q_bias/v_bias)."""
-    keys = {"cls_token": (1, 1, c), "pos_embed": (1, grid * grid + 1, c), "patch_embed.proj.weight": (c, 3, patch, patch),
-            "patch_embed.proj.bias": (c,)}
+    keys = {"cls_token": (1, 1, c), "pos_embed": (1, grid * grid + 1, c),
+            "patch_embed.proj.weight": (c, 3, patch, patch), "patch_embed.proj.bias": (c,)}
     for n in range(blocks):
         p = f"blocks.{n}"
         keys.update({f"{p}.norm1.weight": (c,), f"{p}.norm1.bias": (c,), f"{p}.attn.q_bias": (c,),
