@@ -27,11 +27,18 @@ from dynrefer.config import load_config
 from dynrefer.proposal_filter import keep_proposals
 from dynrefer.views import validate_box
 from pipelines.serve import (
-    PAGE, Dense, Limits, Prepared, RegionOut, RegionsResponse, RequestError, bounded, deployment_options, guarded,
-    parse_config, parse_payload, predict_items, prepare_request, read_body, region_results,
+    PAGE, ChatCompletion, Dense, Limits, ModelList, Prepared, RegionOut, RegionsResponse, RequestError, bounded,
+    chat_payload, completion, deployment_options, guarded, parse_config, parse_payload, predict_items,
+    prepare_request, read_body, region_results, stream_events,
 )
 
 LIMITS = Limits(max_body_bytes=300_000, max_pixels=250_000, max_boxes=4, max_texts=3, max_text_chars=40)
+BOXES = [[20, 30, 120, 130], [150, 60, 290, 200]]
+
+
+def payload(ctype: str, body: bytes, limits: Limits = LIMITS):
+    """parse_payload on a whole body (the app feeds it the body's chunks as they arrive)."""
+    return asyncio.run(parse_payload(ctype, body, limits))
 
 
 def picture(width: int = 320, height: int = 240, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -97,15 +104,14 @@ def test_shipped_serve_configs_build_the_app_bound_to_loopback(name):
 def test_payload_from_json_multipart_and_raw_bytes_agree():
     image = picture()
     boxes = [[10, 20, 100, 120], [150.5, 60, 290, 200]]
-    as_json = parse_payload("application/json", json.dumps(
-        {"image": base64.b64encode(image).decode(), "boxes": boxes, "texts": ["red", "blue", "red"]}).encode(), LIMITS)
+    as_json = payload("application/json", json.dumps(
+        {"image": base64.b64encode(image).decode(), "boxes": boxes, "texts": ["red", "blue", "red"]}).encode())
     ctype, body = multipart({"image": image, "boxes": json.dumps(boxes), "texts": '["red", "blue"]'})
-    as_form = parse_payload(ctype, body, LIMITS)
+    as_form = payload(ctype, body)
     assert as_json == as_form and as_json.image == image and as_json.texts == ["red", "blue"]
     data_url = "data:image/png;base64," + base64.b64encode(image).decode()
-    assert parse_payload("application/json; charset=utf-8", json.dumps({"image": data_url}).encode(),
-                         LIMITS).image == image
-    raw = parse_payload("image/png", image, LIMITS)
+    assert payload("application/json; charset=utf-8", json.dumps({"image": data_url}).encode()).image == image
+    raw = payload("image/png", image)
     assert raw.image == image and raw.boxes is None
 
 
@@ -128,7 +134,7 @@ def test_payload_from_json_multipart_and_raw_bytes_agree():
 ])
 def test_payload_refusals_say_what_is_wrong(ctype, body, status, error):
     with pytest.raises(RequestError) as e:
-        parse_payload(ctype, body, LIMITS)
+        payload(ctype, body)
     assert (e.value.status, e.value.error) == (status, error) and e.value.message
 
 
@@ -161,7 +167,7 @@ def hostile_requests() -> list[tuple[str, str, bytes, int, str]]:
                          and len(v) < 40 else "")
 def test_hostile_numbers_nesting_and_boundaries_are_4xx_with_a_short_message(what, ctype, body, status, error):
     with pytest.raises(RequestError) as e:
-        parse_payload(ctype, body, LIMITS)
+        payload(ctype, body)
     assert (e.value.status, e.value.error) == (status, error), what
     assert 0 < len(e.value.message) < 300, e.value.message  # never the client's megabytes echoed back
 
@@ -370,6 +376,136 @@ def test_a_slow_deployment_is_cancelled_upstream_too_and_answered_with_504():
     assert e.value.status == 504 and model.cancelled and upstream.cancelled
 
 
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def region_mask(box, width: int = 320, height: int = 240) -> np.ndarray:
+    """A binary mask, an ellipse inside ``box``: its tight box is ``box``."""
+    img = Image.new("L", (width, height), 0)
+    x1, y1, x2, y2 = box
+    ImageDraw.Draw(img).ellipse([x1, y1, x2 - 1, y2 - 1], fill=255)
+    return np.asarray(img) > 0
+
+
+def rgba(image: bytes, mask: np.ndarray) -> bytes:
+    """The image with ``mask`` as its alpha channel (opaque inside), the OpenAI-style region prompt."""
+    rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    return png(np.dstack([rgb, np.where(mask, 255, 0).astype(np.uint8)]))
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_masks_reach_the_payload_from_json_and_multipart_and_points_are_refused():
+    from dynrefer.masks import rle_encode
+
+    image, mask = picture(), region_mask(BOXES[0])
+    rle = rle_encode(mask)
+    got = payload("application/json", json.dumps({"image": base64.b64encode(image).decode(), "masks": [rle]}).encode())
+    assert got.masks == [rle] and got.boxes is None
+    boundary = "mask-boundary"
+    parts = [("image", "a.png", image), ("masks", "m0.png", png(mask)), ("masks", "m1.png", png(mask[::-1]))]
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"; filename="{f}"\r\n'
+                    f'Content-Type: image/png\r\n\r\n'.encode() + d + b"\r\n" for n, f, d in parts)
+    got = payload(f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode())
+    assert got.image == image and got.masks == [png(mask), png(mask[::-1])] and got.boxes is None
+    ctype, body = multipart({"image": image, "masks": json.dumps([rle])})
+    assert payload(ctype, body).masks == [rle]
+    b64 = base64.b64encode(image).decode()
+    for ctype, body, status, error in [
+        ("application/json", json.dumps({"image": b64, "points": [[10, 10]]}).encode(), 422, "points_not_supported"),
+        (*multipart({"image": image, "points": "[[10, 10]]"}), 422, "points_not_supported"),
+        ("application/json", json.dumps({"image": b64, "boxes": BOXES, "masks": [rle]}).encode(), 422,
+         "bad_request"),
+        ("application/json", json.dumps({"image": b64, "masks": {"size": [1, 1]}}).encode(), 422, "bad_mask"),
+        ("application/json", json.dumps({"image": b64, "masks": [7]}).encode(), 422, "bad_mask"),
+        ("application/json", json.dumps({"image": b64, "masks": [rle] * 5}).encode(), 422, "too_many_boxes"),
+        ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\nab\r\n'
+                                              b'--xyz--\r\n', 422, "bad_image"),  # a text field, not a file
+    ]:
+        with pytest.raises(RequestError) as e:
+            payload(ctype, body)
+        assert (e.value.status, e.value.error) == (status, error), e.value.message
+    with pytest.raises(RequestError) as e:
+        payload("application/json", json.dumps({"image": b64, "points": [[1, 2]]}).encode())
+    assert "send a box" in e.value.message and "mask" in e.value.message
+
+
+def test_prepare_request_takes_masks_tight_boxes_and_the_alpha_channel(tiny_cfg):
+    from dynrefer.masks import rle_encode
+
+    image = picture()
+    masks = [region_mask(b) for b in BOXES]
+    by_box = prepare_request(image, BOXES, [], tiny_cfg, "phash", LIMITS)
+    for given in ([png(m) for m in masks], [rle_encode(m) for m in masks],
+                  [base64.b64encode(png(m)).decode() for m in masks]):
+        got = prepare_request(image, None, [], tiny_cfg, "phash", LIMITS, masks=given)
+        assert got.failure is None and got.source == "masks" and got.mask_ids == [0, 1]
+        assert got.boxes == [[float(v) for v in b] for b in BOXES] and got.view_boxes == by_box.view_boxes
+        np.testing.assert_array_equal(got.inputs.views, by_box.inputs.views)
+    alpha = prepare_request(rgba(image, masks[1]), None, [], tiny_cfg, "phash", LIMITS, alpha=True)
+    assert alpha.failure is None and alpha.source == "alpha" and alpha.boxes == [[150.0, 60.0, 290.0, 200.0]]
+    np.testing.assert_array_equal(alpha.inputs.views[alpha.inputs.view_index[0]],
+                                  by_box.inputs.views[by_box.inputs.view_index[1]])  # same pixels, alpha dropped
+    for kw, error, words in [
+        ({"masks": [png(region_mask(BOXES[0], 100, 80))]}, "bad_mask", "masks[0] is 100x80; the image is 320x240"),
+        ({"masks": [png(np.zeros((240, 320), np.uint8))]}, "bad_mask", "empty"),
+        ({"masks": [{"size": [240, 320], "counts": [5]}]}, "bad_mask", "add up to"),
+        ({"alpha": True}, "no_region", "alpha channel"),  # an RGB image marks no region
+    ]:
+        f = prepare_request(image, None, [], tiny_cfg, "phash", LIMITS, **kw).failure
+        assert f is not None and (f["status"], f["error"]) == (422, error) and words in f["message"], f
+
+
+def chat_body(**kw):
+    doc = {"model": "dynrefer", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe the region."},
+        {"type": "image_url", "image_url": {"url": data_url(picture(32, 32))}}]}]}
+    return {**doc, **kw}
+
+
+def test_chat_requests_are_read_like_openai_sends_them_and_refused_with_reasons():
+    got, stream = chat_payload(chat_body(stream=True, temperature=0.2), LIMITS, "dynrefer")
+    assert got.image == picture(32, 32) and got.boxes is None and got.masks is None and stream
+    got, stream = chat_payload(chat_body(boxes=[[0, 0, 5, 5]], texts=["red"]), LIMITS, "dynrefer")
+    assert got.boxes == [[0.0, 0.0, 5.0, 5.0]] and got.texts == ["red"] and not stream
+    two = chat_body()
+    two["messages"][0]["content"].append(two["messages"][0]["content"][1])
+    text_only = chat_body(messages=[{"role": "user", "content": "hello"}])
+    remote = chat_body()
+    remote["messages"][0]["content"][1]["image_url"]["url"] = "http://127.0.0.1:1/cat.png"
+    for doc, status, error in [
+        (chat_body(model="gpt-4o"), 404, "model_not_found"), (text_only, 422, "bad_image"), (two, 422, "bad_image"),
+        (remote, 422, "url_not_fetched"), (chat_body(messages=[]), 422, "bad_request"),
+        (chat_body(messages=[{"role": "wizard", "content": "x"}]), 422, "bad_request"),
+        (chat_body(points=[[3, 3]]), 422, "points_not_supported"),
+        (chat_body(boxes=[[0, 0, int("1" + "0" * 400), 5]]), 422, "bad_box"), ([1, 2], 400, "bad_request"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            chat_payload(doc, LIMITS, "dynrefer")
+        assert (e.value.status, e.value.error) == (status, error) and len(e.value.message) < 300, e.value.message
+
+
+def test_a_completion_streams_as_chunks_that_add_up_to_it():
+    answer = {"request_id": "r1", "image": {"width": 2, "height": 2}, "source": "request", "batch": {},
+              "regions": [{"caption": "a red  square"}, {"caption": ""}, {"caption": "blue"}]}
+    done = completion(answer, "dynrefer", 123)
+    assert [c["message"]["content"] for c in done["choices"]] == ["a red  square", "", "blue"]
+    events = list(stream_events(done))
+    assert events[-1] == "data: [DONE]\n\n" and all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and {c["id"] for c in chunks} == {"chatcmpl-r1"}
+    text = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            text[ch["index"]] = text.get(ch["index"], "") + ch["delta"].get("content", "")
+    assert text == {0: "a red  square", 1: "", 2: "blue"} and chunks[-1]["dynrefer"] == answer
+
+
 def test_page_is_self_contained():
     assert "<canvas" in PAGE and 'type="file"' in PAGE
     for needle in ("http://", "https://", 'src="//', "<link", "import "):
@@ -446,8 +582,6 @@ def post(server, path, **kw):
 
     return requests.post(server["base"] + path, timeout=150, **kw)
 
-
-BOXES = [[20, 30, 120, 130], [150, 60, 290, 200]]
 
 
 @pytest.mark.slow
@@ -592,8 +726,16 @@ def test_health_model_info_and_docs(server):
     docs = requests.get(base + "/docs", timeout=30)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = requests.get(base + "/openapi.json", timeout=30).json()
-    assert {"/v1/regions", "/v1/dense", "/healthz", "/v1/model"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/v1/regions"]["post"]["requestBody"]["content"]
+    assert {"/v1/regions", "/v1/dense", "/healthz", "/v1/model", "/v1/chat/completions", "/v1/models"} <= set(
+        spec["paths"])
+    content = spec["paths"]["/v1/regions"]["post"]["requestBody"]["content"]
+    assert {"image", "boxes", "masks", "texts"} <= set(content["multipart/form-data"]["schema"]["properties"])
+    assert {"image", "boxes", "masks", "texts"} <= set(content["application/json"]["schema"]["properties"])
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert {"model", "messages", "stream", "boxes", "masks"} <= set(
+        chat["requestBody"]["content"]["application/json"]["schema"]["properties"])
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert "$ref" not in json.dumps(chat["requestBody"]) and "$ref" not in json.dumps(content)
     page = requests.get(base + "/", timeout=30)
     assert page.status_code == 200 and page.text == PAGE
 
@@ -615,6 +757,116 @@ def test_parallel_requests_share_a_forward(server):
     assert max(shared) > 1 and all(1 <= s <= 4 for s in shared)
     stats = requests.get(server["base"] + "/v1/model", timeout=30).json()["batching"]
     assert stats["max_requests_per_forward"] > 1 and stats["forwards"] < stats["requests"]
+
+
+@pytest.mark.slow
+def test_regions_and_dense_take_masks_over_http_and_refuse_points(server):
+    """Masks as PNG file parts (requests' multipart), as COCO RLE in JSON, and in /v1/dense: each mask's tight box
+    is captioned as that box is, with the mask's index echoed; points are a 422 that says what to send."""
+    from dynrefer.masks import rle_encode
+
+    from pycocotools import mask as coco
+
+    image = picture()
+    masks = [region_mask(b) for b in BOXES]
+    by_box = post(server, "/v1/regions", files={"image": ("a.png", image, "image/png")},
+                  data={"boxes": json.dumps(BOXES)}).json()
+    files = [("image", ("a.png", image, "image/png"))] + [("masks", (f"m{i}.png", png(m), "image/png"))
+                                                          for i, m in enumerate(masks)]
+    form = post(server, "/v1/regions", files=files)
+    assert form.status_code == 200, form.text
+    body = RegionsResponse.model_validate(form.json())
+    assert body.source == "masks" and [r.mask_id for r in body.regions] == [0, 1]
+    assert [r.box for r in body.regions] == BOXES
+    assert [r.caption for r in body.regions] == [r["caption"] for r in by_box["regions"]]
+    assert [r.views for r in body.regions] == [RegionOut.model_validate(r).views for r in by_box["regions"]]
+    compressed = [{"size": [240, 320], "counts": coco.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()}
+                  for m in masks]
+    for rles in (compressed, [rle_encode(m) for m in masks]):
+        as_json = post(server, "/v1/regions", json={"image": base64.b64encode(image).decode(), "masks": rles[::-1]})
+        assert as_json.status_code == 200, as_json.text
+        assert [r["box"] for r in as_json.json()["regions"]] == BOXES[::-1]
+        assert [r["mask_id"] for r in as_json.json()["regions"]] == [0, 1]
+    dense = post(server, "/v1/dense", files=files[:2])
+    assert dense.status_code == 200 and dense.json()["source"] == "masks"
+    assert [r["box"] for r in dense.json()["regions"]] == BOXES[:1]
+    for kw, status, error in [
+        ({"json": {"image": base64.b64encode(image).decode(), "points": [[60, 80]]}}, 422, "points_not_supported"),
+        ({"files": files[:1], "data": {"points": "[[60, 80]]"}}, 422, "points_not_supported"),
+        ({"files": [files[0], ("masks", ("m.png", png(region_mask([0, 0, 9, 9], 50, 40)), "image/png"))]}, 422,
+         "bad_mask"),
+        ({"json": {"image": base64.b64encode(image).decode(), "masks": [{"size": [240, 320], "counts": [3]}]}}, 422,
+         "bad_mask"),
+    ]:
+        r = post(server, "/v1/regions", **kw)
+        assert (r.status_code, r.json()["error"]) == (status, error), r.text
+        assert r.json()["request_id"] == r.headers["X-Request-ID"]
+
+
+@pytest.mark.slow
+def test_openai_client_chat_completions_streaming_and_models(server):
+    """The official openai package against /v1: the region as the image's alpha channel (or boxes in an
+    extension field), the caption as the message, the same captions as /v1/regions (same preprocessing and model),
+    streaming as server-sent events, /v1/models, and OpenAI-style errors the client raises."""
+    import openai
+    import requests
+
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", timeout=150, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["dynrefer"]
+    assert client.models.retrieve("dynrefer").id == "dynrefer"
+    image = picture()
+    want = post(server, "/v1/regions", json={"image": base64.b64encode(image).decode(), "boxes": BOXES}).json()
+    marked = rgba(image, region_mask(BOXES[1]))
+
+    def messages(url: str):
+        return [{"role": "system", "content": "You describe regions."},
+                {"role": "user", "content": [{"type": "text", "text": "Describe the marked region."},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+
+    done = client.chat.completions.create(model="dynrefer", messages=messages(data_url(marked)))
+    assert done.object == "chat.completion" and done.model == "dynrefer" and len(done.choices) == 1
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason == "stop"
+    assert done.choices[0].message.content == want["regions"][1]["caption"]
+    extension = RegionsResponse.model_validate(done.model_extra["dynrefer"])
+    assert extension.source == "alpha" and extension.regions[0].box == BOXES[1]
+    assert extension.regions[0].category is not None and extension.regions[0].tags
+    ChatCompletion.model_validate(done.model_dump())
+    both = client.chat.completions.create(model="dynrefer", messages=messages(data_url(image)),
+                                          extra_body={"boxes": BOXES, "texts": ["a red square"]})
+    assert [c.message.content for c in both.choices] == [r["caption"] for r in want["regions"]]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert list(both.model_extra["dynrefer"]["regions"][0]["text_scores"]) == ["a red square"]
+
+    stream = client.chat.completions.create(model="dynrefer", messages=messages(data_url(marked)), stream=True)
+    text, finish = "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text == done.choices[0].message.content and finish == "stop"
+    raw = requests.post(server["base"] + "/v1/chat/completions", timeout=150, stream=True,
+                        json={"model": "dynrefer", "messages": messages(data_url(marked)), "stream": True})
+    assert raw.status_code == 200 and raw.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in raw.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=messages(data_url(marked)))
+    # the app's one error body on every route: the client raises by status and keeps the body
+    assert e.value.response.json()["error"] == "model_not_found" and "dynrefer" in e.value.response.json()["message"]
+    for url, error in [("https://example.com/cat.png", "url_not_fetched"), (data_url(image), "no_region")]:
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            client.chat.completions.create(model="dynrefer", messages=messages(url))
+        body = e.value.response.json()
+        assert body["error"] == error and body["request_id"] == e.value.response.headers["X-Request-ID"]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model="dynrefer", messages=messages(data_url(image)),
+                                       extra_body={"points": [[60, 80]]})
+    assert e.value.response.json()["error"] == "points_not_supported"
+    big = post(server, "/v1/chat/completions", data=b"{" + b" " * 400_000 + b"}",
+               headers={"Content-Type": "application/json"})
+    assert (big.status_code, big.json()["error"]) == (413, "body_too_large")
+    assert post(server, "/v1/chat/completions", data=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
 
 
 def running_replicas(app_name: str, deployment: str) -> int:

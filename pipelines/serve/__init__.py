@@ -2,8 +2,9 @@
 
 Three deployments, each a thin class around pure functions:
 
-* ``Ingress`` (:mod:`.app`, FastAPI): reads and checks requests (:mod:`.requests`) and answers in JSON
-  (:mod:`.schemas`, :mod:`.errors`);
+* ``Ingress`` (:mod:`.app`, FastAPI): reads and checks requests (:mod:`.requests`: Starlette's multipart parser,
+  boxes or masks) and answers in JSON (:mod:`.schemas`, :mod:`.errors`); :mod:`.chat` is the OpenAI-compatible
+  ``/v1/chat/completions`` and ``/v1/models``;
 * ``Preprocess`` (CPU, :mod:`.deployments`): decodes the image once and builds every region's views, pHASH codes
   and model inputs with the library's functions (:mod:`.preprocess` over :func:`dynrefer.predictor.image_inputs`);
   it also runs the proposal model for ``/v1/dense`` when the config has one;
@@ -20,6 +21,7 @@ Settings are :mod:`.config`; the command line is :mod:`.cli`; the page is ``stat
 """
 
 from .app import PAGE, app, app_builder
+from .chat import chat_payload, completion, stream_events
 from .cli import main, parser, read_serve_file
 from .config import (
     Autoscaling, Batching, Dense, DeploymentSettings, Limits, ServeConfig, deployment_options, model_config,
@@ -29,14 +31,15 @@ from .deployments import Predictor, Preprocess, replica_processes
 from .errors import RequestError, bounded, clip_text, error_response, guarded, request_id
 from .predict import Answer, BatchStats, predict_items, region_results
 from .preprocess import Prepared, prepare_request
-from .requests import Payload, check_boxes, check_texts, parse_payload, read_body
-from .schemas import ErrorBody, RegionOut, RegionsRequest, RegionsResponse
+from .requests import Payload, check_boxes, check_masks, check_texts, parse_payload, read_body, read_payload
+from .schemas import ChatCompletion, ChatRequest, ErrorBody, ModelList, RegionOut, RegionsRequest, RegionsResponse
 
 __all__ = [
-    "PAGE", "Answer", "Autoscaling", "BatchStats", "Batching", "Dense", "DeploymentSettings", "ErrorBody", "Limits",
-    "Payload", "Predictor", "Prepared", "Preprocess", "RegionOut", "RegionsRequest", "RegionsResponse",
-    "RequestError", "ServeConfig", "app", "app_builder", "bounded", "check_boxes", "check_texts", "clip_text",
-    "deployment_options", "error_response", "guarded", "main", "model_config", "parse_config", "parse_payload",
-    "parser", "predict_items", "prepare_request", "read_body", "read_serve_file", "region_results",
-    "replica_processes", "request_id",
+    "Answer", "Autoscaling", "BatchStats", "Batching", "ChatCompletion", "ChatRequest", "Dense",
+    "DeploymentSettings", "ErrorBody", "Limits", "ModelList", "PAGE", "Payload", "Predictor", "Prepared",
+    "Preprocess", "RegionOut", "RegionsRequest", "RegionsResponse", "RequestError", "ServeConfig", "app",
+    "app_builder", "bounded", "chat_payload", "check_boxes", "check_masks", "check_texts", "clip_text",
+    "completion", "deployment_options", "error_response", "guarded", "main", "model_config", "parse_config",
+    "parse_payload", "parser", "predict_items", "prepare_request", "read_body", "read_payload", "read_serve_file",
+    "region_results", "replica_processes", "request_id", "stream_events",
 ]

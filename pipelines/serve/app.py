@@ -1,5 +1,6 @@
 """The HTTP side: the FastAPI app behind ``Ingress`` (routes, OpenAPI, the page) and ``app_builder``, which binds
-Ingress to the Preprocess and Predictor deployments.
+Ingress to the Preprocess and Predictor deployments. /v1/regions, /v1/dense and the OpenAI-compatible
+/v1/chat/completions all reach the model the same way (:meth:`Ingress._answer`).
 
 No ``from __future__ import annotations`` here: FastAPI, behind ``serve.ingress``, must see the route annotations
 as types (as strings, ``request: Request`` would become a query parameter).
@@ -14,16 +15,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .chat import chat_payload, completion, stream_events
 from .config import deployment_options, parse_config
 from .deployments import Predictor, Preprocess
 from .errors import RequestError, bounded, guarded, http_error, internal_error, request_id, validation_error
 from .predict import Answer
-from .requests import IMAGE_TYPES, check_content_type, parse_payload, read_body
-from .schemas import ErrorBody, RegionsRequest, RegionsResponse
+from .requests import IMAGE_TYPES, JSON_TYPES, Payload, check_content_type, json_document, read_body, read_payload
+from .schemas import ChatCompletion, ChatRequest, ErrorBody, ModelCard, ModelList, RegionsForm, RegionsRequest, \
+    RegionsResponse
 
 log = logging.getLogger("dynrefer.serve")
 
@@ -40,13 +43,30 @@ ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 504)}
 app.add_exception_handler(StarletteHTTPException, http_error)
 app.add_exception_handler(RequestValidationError, validation_error)
 app.add_exception_handler(Exception, internal_error)
+
+
+def inline_schema(model: Any) -> dict[str, Any]:
+    """A model's JSON schema with its ``$defs`` written in place, to sit inside an OpenAPI ``requestBody``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
 REQUEST_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": RegionsRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary"},
-        "boxes": {"type": "string", "description": "JSON list of [x1, y1, x2, y2] in pixels"},
-        "texts": {"type": "string", "description": "JSON list of texts to score against each region"}}}},
+    "application/json": {"schema": inline_schema(RegionsRequest)},
+    "multipart/form-data": {"schema": inline_schema(RegionsForm)},
     **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}}}}
+CHAT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(ChatRequest)}}}}
+CHAT_RESPONSES = {**ERRORS, 404: {"model": ErrorBody}, 200: {"content": {"text/event-stream": {
+    "schema": {"type": "string", "description": "with stream: true, chat.completion.chunk events, then [DONE]"}}}}}
 
 
 @serve.deployment(name="Ingress")
@@ -57,23 +77,13 @@ class Ingress:
     def __init__(self, preprocess: Any, predictor: Any, config: dict[str, Any]):
         self.cfg = parse_config(config)
         self.preprocess, self.predictor = preprocess, predictor
+        self.created = int(time.time())
 
-    async def _regions(self, request: Request, request_id: str, dense: bool) -> dict[str, Any]:
+    async def _answer(self, payload: Payload, request_id: str, alpha: bool = False) -> dict[str, Any]:
+        """Preprocess, then the batched model, within the request timeout: a /v1/regions answer."""
         started = time.perf_counter()
-        limits = self.cfg.limits
-        check_content_type(request.headers.get("content-type"))
-        body = await read_body(request, limits.max_body_bytes)
-        payload = parse_payload(request.headers.get("content-type"), body, limits)
-        if payload.boxes is None:
-            if not dense:
-                raise RequestError(422, "bad_box", "boxes: missing; give [[x1, y1, x2, y2], ...] in pixels")
-            if not self.cfg.proposals:
-                raise RequestError(501, "no_proposals", "this server has no proposal model (set 'proposals:' in its "
-                                                        "serve config); send 'boxes' from any detector instead")
-        elif not dense and not payload.boxes:
-            raise RequestError(422, "bad_box", "boxes: give at least one box")
-        prepared = self.preprocess.prepare.remote(payload.image, payload.boxes, payload.texts)
-        answer: Answer = await bounded(self.predictor.predict.remote(prepared), limits.request_timeout_s,
+        prepared = self.preprocess.prepare.remote(payload.image, payload.boxes, payload.texts, payload.masks, alpha)
+        answer: Answer = await bounded(self.predictor.predict.remote(prepared), self.cfg.limits.request_timeout_s,
                                        "captioning", upstream=[prepared])
         p = answer.prepared
         if p.failure is not None:
@@ -85,6 +95,35 @@ class Ingress:
                 "regions": answer.regions,
                 "batch": {"requests": answer.batch_requests, "regions": answer.batch_regions,
                           "replica": answer.replica}}
+
+    async def _regions(self, request: Request, request_id: str, dense: bool) -> dict[str, Any]:
+        payload = await read_payload(request, self.cfg.limits)
+        if payload.boxes is None and payload.masks is None:
+            if not dense:
+                raise RequestError(422, "bad_box", "boxes: missing; give [[x1, y1, x2, y2], ...] in pixels, or "
+                                                   "'masks'")
+            if not self.cfg.proposals:
+                raise RequestError(501, "no_proposals", "this server has no proposal model (set 'proposals:' in its "
+                                                        "serve config); send 'boxes' from any detector instead")
+        elif not dense and not (payload.boxes or payload.masks):
+            raise RequestError(422, "bad_box", "boxes: give at least one box (or mask)")
+        return await self._answer(payload, request_id)
+
+    async def _chat(self, request: Request, request_id: str) -> Response:
+        check_content_type(request.headers.get("content-type"), JSON_TYPES)
+        body = await read_body(request, self.cfg.limits.max_body_bytes)
+        payload, stream = chat_payload(json_document("body", body.decode("utf-8", errors="replace")),
+                                       self.cfg.limits, self.cfg.model_name)
+        if payload.boxes == [] or payload.masks == []:
+            raise RequestError(422, "bad_box", "boxes/masks: give at least one region, or leave them out and mark "
+                                               "the region with the image's alpha channel")
+        alpha = payload.boxes is None and payload.masks is None
+        done = completion(await self._answer(payload, request_id, alpha=alpha), self.cfg.model_name,
+                          int(time.time()))
+        if stream:
+            return StreamingResponse(stream_events(done), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(done)
 
     @app.post("/v1/regions", response_model=RegionsResponse, responses=ERRORS, openapi_extra=REQUEST_BODY,
               summary="Caption given boxes", description="Per box: caption, tags with scores, scores of the given "
@@ -98,6 +137,31 @@ class Ingress:
               "any detector, each with its caption.")
     async def dense(self, request: Request) -> Response:
         return await guarded(lambda rid: self._regions(request, rid, dense=True), request_id(request))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=CHAT_RESPONSES,
+              openapi_extra=CHAT_BODY, summary="OpenAI-compatible: caption the region the image's alpha marks",
+              description="One user image as a data: URL; its alpha channel marks the region (or the extension "
+              "fields 'boxes'/'masks'). One choice per region, its content the caption; tags, category, attributes "
+              "and scores in the extension field 'dynrefer'. 'stream': true answers server-sent events.")
+    async def chat(self, request: Request) -> Response:
+        return await guarded(lambda rid: self._chat(request, rid), request_id(request))
+
+    @app.get("/v1/models", response_model=ModelList, summary="OpenAI-compatible: the model served here")
+    async def models(self, request: Request) -> Response:
+        async def listing(request_id: str) -> dict[str, Any]:
+            return ModelList(data=[ModelCard(id=self.cfg.model_name, created=self.created)]).model_dump()
+
+        return await guarded(listing, request_id(request))
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses={404: {"model": ErrorBody}},
+             summary="OpenAI-compatible: one model")
+    async def model_card(self, model_id: str, request: Request) -> Response:
+        async def card(request_id: str) -> dict[str, Any]:
+            if model_id != self.cfg.model_name:
+                raise RequestError(404, "model_not_found", f"model {model_id[:60]!r} is not served here")
+            return ModelCard(id=model_id, created=self.created).model_dump()
+
+        return await guarded(card, request_id(request))
 
     @app.get("/healthz", summary="Liveness: the model and preprocessing deployments answer")
     async def healthz(self, request: Request) -> Response:

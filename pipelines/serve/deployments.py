@@ -16,7 +16,8 @@ from .preprocess import Prepared, prepare_request
 
 @serve.deployment(name="Preprocess")
 class Preprocess:
-    """CPU replica: image bytes -> views, RoIs and pHASH-chosen t per region (and proposals for dense)."""
+    """CPU replica: image bytes -> views, RoIs and pHASH-chosen t per region (boxes given, masks' boxes, the
+    alpha channel's box, or proposals for dense)."""
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = parse_config(config)
@@ -32,9 +33,10 @@ class Preprocess:
             self.proposer = load_proposer(self.cfg.proposals, self.cfg.storage_options or None,
                                           device="cuda" if gpu else "cpu")
 
-    def prepare(self, data: bytes, boxes: list[list[float]] | None, texts: list[str]) -> Prepared:
+    def prepare(self, data: bytes, boxes: list[list[float]] | None, texts: list[str], masks: list[Any] | None = None,
+                alpha: bool = False) -> Prepared:
         return prepare_request(data, boxes, texts, self.model_cfg, self.mode, self.cfg.limits, self.proposer,
-                               self.cfg.dense)
+                               self.cfg.dense, masks=masks, alpha=alpha)
 
     def ready(self) -> bool:
         return True

@@ -94,9 +94,10 @@ def region_results(prepared: Prepared, regions: Sequence[Any], has_attributes: b
              "tags": [{"tag": t, "score": round(s, 4)} for t, s in r.tags],
              "text_scores": {t: round(s, 6) for t, s in r.text_scores.items()},
              **recognition_results(r, has_attributes),
-             "views": [{"t": t, "box": b} for t, b in zip(ts, vb)]}
-            for i, (box, score, r, ts, vb) in enumerate(zip(prepared.boxes, prepared.scores, regions,
-                                                             prepared.view_ts, prepared.view_boxes))]
+             "views": [{"t": t, "box": b} for t, b in zip(ts, vb)], "mask_id": mask_id}
+            for i, (box, score, r, ts, vb, mask_id) in enumerate(zip(
+                prepared.boxes, prepared.scores, regions, prepared.view_ts, prepared.view_boxes,
+                prepared.mask_ids or [None] * len(prepared.boxes)))]
 
 
 @dataclass

@@ -26,7 +26,8 @@ class Prepared:
     height: int = 0
     boxes: list[list[float]] = field(default_factory=list)  # clipped to the image
     scores: list[float | None] = field(default_factory=list)  # proposal scores (dense without boxes)
-    source: str = "request"  # "request" or "proposals"
+    source: str = "request"  # "request", "masks", "alpha" (the image's alpha channel) or "proposals"
+    mask_ids: list[int | None] = field(default_factory=list)  # the mask each box came from
     texts: list[str] = field(default_factory=list)
     view_ts: list[list[float]] = field(default_factory=list)
     view_boxes: list[list[list[int]]] = field(default_factory=list)
@@ -46,10 +47,52 @@ def image_status(reason: str) -> int:
     return 413 if reason == "too_large" else 422
 
 
+def mask_boxes(masks: list[Any], width: int, height: int, limits: Limits) -> list[list[float]]:
+    """Each mask's tight box; a mask that cannot be read, is not the image's size or is empty is a 422."""
+    from dynrefer.masks import MaskError, decode_mask
+    from dynrefer.predictor import mask_box
+
+    boxes = []
+    for i, spec in enumerate(masks):
+        name = f"masks[{i}]"
+        try:
+            mask = decode_mask(spec, name, limits.max_pixels)
+        except MaskError as e:
+            raise RequestError(422, "bad_mask", str(e)) from None
+        if mask.shape != (height, width):
+            raise RequestError(422, "bad_mask", f"{name} is {mask.shape[1]}x{mask.shape[0]}; the image is "
+                                                f"{width}x{height}")
+        if not mask.any():
+            raise RequestError(422, "bad_mask", f"{name}: the mask is empty (no pixel set)")
+        boxes.append(mask_box(mask, name))
+    return boxes
+
+
+def alpha_box(data: bytes, limits: Limits) -> list[float]:
+    """The tight box of the region the image's alpha channel marks (the OpenAI-style region prompt)."""
+    from dynrefer.masks import MaskError, alpha_mask
+    from dynrefer.predictor import mask_box
+
+    try:
+        mask = alpha_mask(data, "image", limits.max_pixels)
+    except MaskError as e:
+        raise RequestError(422, "bad_image", str(e)) from None
+    if mask is None or not mask.any():
+        raise RequestError(422, "no_region", "the image marks no region: give it an alpha channel that is opaque "
+                                             "(alpha >= 128) over the region and transparent elsewhere, or send "
+                                             "'boxes' or 'masks'")
+    return mask_box(mask, "image alpha")
+
+
 def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[str], model_cfg: DynReferConfig,
-                    mode: str, limits: Limits, proposer: Any = None, dense: Dense | None = None) -> Prepared:
+                    mode: str, limits: Limits, proposer: Any = None, dense: Dense | None = None,
+                    masks: list[Any] | None = None, alpha: bool = False) -> Prepared:
     """Decode once, then every region's views and pHASH codes and the chosen views' pixels, by the functions batch
-    jobs and the Python API use (:func:`dynrefer.predictor.image_inputs`)."""
+    jobs and the Python API use (:func:`dynrefer.predictor.image_inputs`).
+
+    Regions are ``boxes``, else each of ``masks``' tight box, else (``alpha``) the box of the image's alpha
+    channel, else the proposal model's.
+    """
     from dynrefer.imageio import ImageError, decode_image
     from dynrefer.predictor import image_inputs
 
@@ -59,7 +102,14 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
         return failure(RequestError(image_status(e.reason), "bad_image", str(e), reason=e.reason))
     width, height = image.size
     scores: list[float | None]
-    source = "request"
+    source, mask_ids = "request", None
+    try:
+        if masks is not None:
+            boxes, source, mask_ids = mask_boxes(masks, width, height, limits), "masks", list(range(len(masks)))
+        elif boxes is None and alpha:
+            boxes, source = [alpha_box(data, limits)], "alpha"
+    except RequestError as e:
+        return failure(e)
     if boxes is None:
         if proposer is None:
             return failure(RequestError(422, "bad_box", "boxes: missing"))
@@ -78,7 +128,8 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     if bad:
         return failure(RequestError(422, "bad_box", bad[0]["message"] + (f" (and {len(bad) - 1} more)"
                                                                            if len(bad) > 1 else ""), details=bad))
-    out = Prepared(width=width, height=height, scores=scores, source=source, texts=texts)
+    out = Prepared(width=width, height=height, scores=scores, source=source, texts=texts,
+                   mask_ids=mask_ids or [None] * len(clipped))
     if not clipped:
         return out
     inputs = image_inputs(image, clipped, model_cfg, name="request", mode=mode)

@@ -1,5 +1,10 @@
 """Reading requests: content types, the body under its size limit, JSON / multipart / raw-image payloads, and the
-checks on boxes and texts; every refusal is a :class:`RequestError` with a short message."""
+checks on region prompts (boxes or masks) and texts; every refusal is a :class:`RequestError` with a short message.
+
+Multipart bodies go through Starlette's own form parser (``python-multipart``), fed from a stream that refuses
+the body as soon as it passes the size limit; JSON goes through :func:`json.loads`, whose refusals (an integer of
+thousands of digits, nesting past the recursion limit) become 400s.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import binascii
 import json
 import math
 import re
-from dataclasses import dataclass
-from email.parser import BytesHeaderParser, HeaderParser
-from typing import Any
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from typing import Any, AsyncIterator, Mapping
 
 from fastapi import Request
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .config import Limits
 from .errors import RequestError, clip_text
@@ -20,14 +27,20 @@ from .errors import RequestError, clip_text
 
 @dataclass
 class Payload:
+    """What one request asks: the image's bytes, its region prompts (boxes or masks, at most one kind) and texts."""
+
     image: bytes
     boxes: list[list[float]] | None  # None: not given
-    texts: list[str]
+    texts: list[str] = field(default_factory=list)
+    masks: list[Any] | None = None  # PNG bytes, base64 strings or COCO RLE dicts (decoded by Preprocess)
 
 
 JSON_TYPES = ("application/json",)
 MULTIPART_TYPES = ("multipart/form-data",)
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp", "image/tiff", "image/bmp")
+FIELDS = ("image", "boxes", "masks", "texts")
+POINTS_REFUSED = ("points are not accepted: this server has no segmenter to turn a point into a region; send a box "
+                  "([x1, y1, x2, y2] in pixels) or a mask of the region")
 
 
 def content_type(header: str | None) -> tuple[str, dict[str, str | tuple[str, str, str]]]:
@@ -60,52 +73,49 @@ def multipart_boundary(params: dict[str, Any]) -> str:
     return boundary
 
 
-def check_content_type(header: str | None) -> str:
+def check_content_type(header: str | None, accepted: tuple[str, ...] = JSON_TYPES + MULTIPART_TYPES + IMAGE_TYPES
+                       ) -> str:
     """The media type, or a 415 that lists what is accepted."""
     media, _ = content_type(header)
-    if media in JSON_TYPES + MULTIPART_TYPES + IMAGE_TYPES:
+    if media in accepted:
         return media
+    if accepted == JSON_TYPES:
+        raise RequestError(415, "unsupported_media_type",
+                           f"Content-Type {clip_text(header or '(none)')!r} is not accepted; send application/json")
     raise RequestError(415, "unsupported_media_type",
                        f"Content-Type {clip_text(header or '(none)')!r} is not accepted; send application/json "
                        f"(base64 'image'), multipart/form-data (an 'image' file part) or the image bytes as one of "
                        f"{', '.join(IMAGE_TYPES)}")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to pass ``limit``: by Content-Length, else while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, "bad_request", f"Content-Length {clip_text(declared)!r} is not a byte count")
-        if int(declared) > limit:
-            raise RequestError(413, "body_too_large", f"request body is {int(declared)} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+def check_length(declared: str | None, limit: int) -> None:
+    """A 413 when the Content-Length header already passes ``limit`` (before any byte is read), 400 if it is no
+    byte count."""
+    if declared is None:
+        return
+    if not declared.strip().isdigit():
+        raise RequestError(400, "bad_request", f"Content-Length {clip_text(declared)!r} is not a byte count")
+    if int(declared) > limit:
+        raise RequestError(413, "body_too_large", f"request body is {int(declared)} bytes; the limit is {limit}")
+
+
+async def limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 as soon as their total passes ``limit``."""
+    size = 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise RequestError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
 
 
-def split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], str | None, bytes]]:
-    """Parts of a multipart/form-data body as (disposition parameters, content type, data)."""
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    pieces = (b"\r\n" + body).split(delimiter)
-    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
-        raise RequestError(400, "bad_request", "multipart body is malformed (no closing boundary)")
-    parts = []
-    for piece in pieces[1:-1]:
-        head, sep, data = piece.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError(400, "bad_request", "multipart part without a blank line after its headers")
-        headers = BytesHeaderParser().parsebytes(head.lstrip(b" \t").removeprefix(b"\r\n") + b"\r\n\r\n")
-        params = dict((headers.get_params(header="content-disposition") or [])[1:])
-        parts.append((params, headers.get("content-type"), data))
-    return parts
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass ``limit``: by Content-Length, else while reading."""
+    check_length(request.headers.get("content-length"), limit)
+    return b"".join([chunk async for chunk in limited(request.stream(), limit)])
 
 
-def _json_field(name: str, text: str) -> Any:
+def json_document(name: str, text: str | bytes) -> Any:
     """Parse a client's JSON text; anything the parser refuses (syntax, an integer beyond Python's digit limit,
     nesting deeper than the recursion limit) is a 400."""
     try:
@@ -118,16 +128,16 @@ def _json_field(name: str, text: str) -> Any:
         raise RequestError(400, "bad_request", f"{name}: JSON value refused ({clip_text(str(e), 120)})") from None
 
 
-def decode_base64(value: Any) -> bytes:
+def decode_base64(value: Any, name: str = "image") -> bytes:
     """Bytes of a base64 string, with or without a ``data:...;base64,`` prefix."""
     if not isinstance(value, str) or not value:
-        raise RequestError(422, "bad_image", "image: expected a base64 string")
+        raise RequestError(422, "bad_image", f"{name}: expected a base64 string")
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
         return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(422, "bad_image", "image: not valid base64") from None
+        raise RequestError(422, "bad_image", f"{name}: not valid base64") from None
 
 
 def check_boxes(boxes: Any, limits: Limits) -> list[list[float]] | None:
@@ -154,6 +164,25 @@ def check_boxes(boxes: Any, limits: Limits) -> list[list[float]] | None:
     return out
 
 
+def check_masks(masks: Any, limits: Limits) -> list[Any] | None:
+    """Masks as PNG bytes, base64 strings or COCO RLE dicts; their pixels are decoded (and checked against the
+    image) by Preprocess, only their form and number here."""
+    if masks is None:
+        return None
+    if not isinstance(masks, list):
+        raise RequestError(422, "bad_mask", "masks: expected a list of masks (base64 PNGs or COCO RLE objects)")
+    if len(masks) > limits.max_boxes:
+        raise RequestError(422, "too_many_boxes", f"{len(masks)} masks; the limit is {limits.max_boxes} per request")
+    for i, m in enumerate(masks):
+        if isinstance(m, (bytes, str)) and m:
+            continue
+        if isinstance(m, Mapping) and set(m) == {"size", "counts"}:
+            continue
+        raise RequestError(422, "bad_mask", f"masks[{i}] {clip_text(m)}: expected a PNG (a file part or base64) or "
+                                            f"a COCO RLE object {{'size': [h, w], 'counts': ...}}")
+    return masks
+
+
 def check_texts(texts: Any, limits: Limits) -> list[str]:
     """Distinct non-empty texts in request order."""
     if texts is None:
@@ -168,39 +197,121 @@ def check_texts(texts: Any, limits: Limits) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts))
 
 
-def parse_payload(header: str | None, body: bytes, limits: Limits) -> Payload:
-    """The image bytes, boxes and texts of a JSON, multipart or raw-image request body."""
-    media, params = content_type(header)
-    if media in IMAGE_TYPES:
-        return Payload(image=body, boxes=None, texts=[])
-    if media in JSON_TYPES:
-        doc = _json_field("body", body.decode("utf-8", errors="replace"))
-        if not isinstance(doc, dict):
-            raise RequestError(400, "bad_request", "body: expected a JSON object")
-        if "image" not in doc and any(k in doc for k in ("url", "image_url")):
-            raise RequestError(422, "url_not_fetched", "this server never fetches URLs; send the image itself "
-                                                       "(base64 'image', or a multipart upload)")
-        unknown = sorted(set(doc) - {"image", "boxes", "texts"})
+def region_prompts(fields: Mapping[str, Any], limits: Limits) -> tuple[list[list[float]] | None, list[Any] | None]:
+    """(boxes, masks) of a request: at most one kind; points are refused (422 with what to send instead)."""
+    if "points" in fields or "point" in fields:
+        raise RequestError(422, "points_not_supported", POINTS_REFUSED)
+    boxes, masks = check_boxes(fields.get("boxes"), limits), check_masks(fields.get("masks"), limits)
+    if boxes is not None and masks is not None:
+        raise RequestError(422, "bad_request", "give the regions as 'boxes' or as 'masks', not both")
+    return boxes, masks
+
+
+class FormParser(MultiPartParser):
+    """Starlette's multipart parser, noting whether the closing boundary came (python-multipart takes a body
+    that just stops as complete)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+async def parse_form(header: str, chunks: AsyncIterator[bytes], limits: Limits) -> Payload:
+    """The fields of a multipart/form-data body: ``image`` a file part, ``masks`` file parts (PNGs) or JSON text,
+    ``boxes`` and ``texts`` JSON text."""
+    multipart_boundary(content_type(header)[1])
+    parser = FormParser(Headers({"content-type": header}), chunks, max_files=limits.max_boxes + 1,
+                        max_fields=len(FIELDS) + 1, max_part_size=limits.max_body_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise RequestError(400, "bad_request", f"multipart body refused: {e.message}") from None
+    try:
+        if not parser.complete:
+            raise RequestError(400, "bad_request", "multipart body is malformed (no closing boundary)")
+        names = list(dict.fromkeys(form.keys()))
+        if "points" in names:
+            raise RequestError(422, "points_not_supported", POINTS_REFUSED)
+        unknown = [n for n in names if n not in FIELDS]
         if unknown:
-            raise RequestError(422, "bad_request", f"unknown field(s) {unknown}; known: image, boxes, texts")
-        if "image" not in doc:
-            raise RequestError(422, "bad_image", "image: missing (a base64 string)")
-        return Payload(decode_base64(doc["image"]), check_boxes(doc.get("boxes"), limits),
-                       check_texts(doc.get("texts"), limits))
-    if media in MULTIPART_TYPES:
-        fields: dict[str, bytes] = {}
-        for disposition, _, data in split_multipart(body, multipart_boundary(params)):
-            name = disposition.get("name")
-            if name not in ("image", "boxes", "texts"):
-                raise RequestError(422, "bad_request", f"unknown form field {clip_text(name)!r}; known: image, "
-                                                       f"boxes, texts")
-            if name in fields:
+            raise RequestError(422, "bad_request", f"unknown form field {clip_text(unknown[0])!r}; known: "
+                                                   f"{', '.join(FIELDS)}")
+        for name in ("image", "boxes", "texts"):
+            if len(form.getlist(name)) > 1:
                 raise RequestError(422, "bad_request", f"form field {name!r} given twice")
-            fields[name] = data
-        if "image" not in fields:
+        image = form.get("image")
+        if image is None:
             raise RequestError(422, "bad_image", "image: missing (a file part named 'image')")
-        boxes = _json_field("boxes", fields["boxes"].decode(errors="replace")) if "boxes" in fields else None
-        texts = _json_field("texts", fields["texts"].decode(errors="replace")) if "texts" in fields else None
-        return Payload(fields["image"], check_boxes(boxes, limits), check_texts(texts, limits))
+        if not isinstance(image, UploadFile):
+            raise RequestError(422, "bad_image", "image: send it as a file part (a Content-Disposition with a "
+                                                 "filename), not as a text field")
+        fields: dict[str, Any] = {}
+        for name in ("boxes", "texts"):
+            value = form.get(name)
+            if isinstance(value, UploadFile):
+                value = (await value.read()).decode(errors="replace")
+            if value is not None:
+                fields[name] = json_document(name, value)
+        if "masks" in form:
+            masks: list[Any] = []
+            for part in form.getlist("masks"):
+                if isinstance(part, UploadFile):
+                    masks.append(await part.read())
+                else:
+                    doc = json_document("masks", part)
+                    masks.extend(doc if isinstance(doc, list) else [doc])
+            fields["masks"] = masks
+        boxes, masks = region_prompts(fields, limits)
+        return Payload(await image.read(), boxes, check_texts(fields.get("texts"), limits), masks)
+    finally:
+        await form.close()
+
+
+def parse_document(doc: Any, limits: Limits) -> Payload:
+    """The JSON form: ``image`` base64 (or a ``data:`` URL), ``boxes`` or ``masks``, ``texts``."""
+    if not isinstance(doc, dict):
+        raise RequestError(400, "bad_request", "body: expected a JSON object")
+    if "image" not in doc and any(k in doc for k in ("url", "image_url")):
+        raise RequestError(422, "url_not_fetched", "this server never fetches URLs; send the image itself "
+                                                   "(base64 'image', or a multipart upload)")
+    if "points" in doc:
+        raise RequestError(422, "points_not_supported", POINTS_REFUSED)
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        raise RequestError(422, "bad_request", f"unknown field(s) {clip_text(unknown)}; known: {', '.join(FIELDS)}")
+    if "image" not in doc:
+        raise RequestError(422, "bad_image", "image: missing (a base64 string)")
+    image = decode_base64(doc["image"])
+    boxes, masks = region_prompts(doc, limits)
+    return Payload(image, boxes, check_texts(doc.get("texts"), limits), masks)
+
+
+async def parse_payload(header: str | None, body: bytes | AsyncIterator[bytes], limits: Limits) -> Payload:
+    """The image bytes, region prompts and texts of a JSON, multipart or raw-image request body (bytes, or the
+    body's chunks as :func:`limited` yields them)."""
+    media, _ = content_type(header)
+    if isinstance(body, (bytes, bytearray)):
+        chunks = _one(bytes(body))
+    else:
+        chunks = body
+    if media in MULTIPART_TYPES:
+        return await parse_form(header or "", chunks, limits)
+    data = b"".join([c async for c in chunks])
+    if media in IMAGE_TYPES:
+        return Payload(image=data, boxes=None)
+    if media in JSON_TYPES:
+        return parse_document(json_document("body", data.decode("utf-8", errors="replace")), limits)
     raise RequestError(415, "unsupported_media_type", f"Content-Type {clip_text(header)!r} is not accepted")
 
+
+async def read_payload(request: Request, limits: Limits) -> Payload:
+    """A request's payload, its body refused past ``limits.max_body_bytes`` before (or while) it is read."""
+    header = request.headers.get("content-type")
+    check_content_type(header)
+    check_length(request.headers.get("content-length"), limits.max_body_bytes)
+    return await parse_payload(header, limited(request.stream(), limits.max_body_bytes), limits)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
