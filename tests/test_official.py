@@ -604,3 +604,77 @@ def test_the_rayjob_converts_captions_and_evaluates_one_chain():
     assert cap.model == conv.out and cap.address == "auto" and cap.split == "val"
     assert ev.predictions == cap.out + "/captions" and ev.prepared == cap.prepared
     assert os.path.isfile(os.path.join(repo, ev.config))
+
+
+# ------------------------------------------------------------------------------------------ the EVA encoder, end to end
+
+EVA_NAME = "dynrefer-test-eva-tiny"  # an open_clip model config of EVA01-g-14's form (timm Eva trunk, text.*)
+
+
+@pytest.fixture(scope="module")
+def eva_files(files, tmp_path_factory):
+    """A LAVIS-layout ViT with one block fewer than its open_clip model (as eva_vit_g.pth's 39 of 40), an EVA-CLIP
+    text tower, and a model config whose encoder is an open_clip CustomTextCLIP on a timm Eva trunk."""
+    import timm
+    from timm.models import register_model
+    from timm.models.eva import Eva
+
+    if EVA_NAME.replace("-", "_") not in timm.list_models():
+        @register_model
+        def dynrefer_test_eva_tiny(pretrained: bool = False, **kwargs):  # EVA-g's form at width 64, 3 blocks
+            kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")}
+            return Eva(img_size=28, patch_size=14, embed_dim=64, depth=3, num_heads=4, mlp_ratio=96 / 64,
+                       qkv_bias=True, qkv_fused=True, use_rot_pos_emb=False, **kwargs)
+    root = tmp_path_factory.mktemp("eva")
+    (root / "configs").mkdir()
+    (root / "configs" / f"{EVA_NAME}.json").write_text(json.dumps({
+        "embed_dim": 32, "custom_text": True,
+        "vision_cfg": {"image_size": 28, "timm_model_name": EVA_NAME.replace("-", "_"), "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}))
+    open_clip.add_model_config(root / "configs")
+    cfg = tiny_official()
+    cfg["image_size"] = 28
+    cfg["encoder"] = {"name": EVA_NAME, "model_cfg": None, "checkpoint": None, "layer": -2, "freeze": True}
+    (root / "model.yaml").write_text(yaml.safe_dump(cfg))
+    gen = torch.Generator().manual_seed(11)
+    lavis = {k: random_tensor(s, gen) for k, s in eva_lavis_shapes(2, 64, 96, grid=2).items()}
+    torch.save(lavis, root / "eva_vit_g.pth")
+    with torch.device("meta"):
+        meta = DynRefer(load_config(str(root / "model.yaml")))
+    text = {k.removeprefix("encoder.clip."): random_tensor(tuple(v.shape), gen) for k, v in meta.state_dict().items()
+            if k.startswith("encoder.clip.text.")}
+    text["text.logit_scale"] = torch.tensor(2.0)
+    torch.save(text, root / "eva_clip_psz14.pt")
+    state = {k: random_tensor(s, gen) for k, s in official.official_shapes(meta).items()}
+    torch.save({"model": state}, root / "vg1.2_5e.pth")
+    blip2 = {"query_tokens": random_tensor((1, 4, 64), gen), "ln_vision.weight": random_tensor((64,), gen),
+             "ln_vision.bias": random_tensor((64,), gen)}
+    torch.save({"model": blip2}, root / "blip2.pth")
+    return {"root": root, "config": str(root / "model.yaml"), "lavis": lavis, "text": text, "blip2": blip2,
+            "checkpoint": str(root / "vg1.2_5e.pth")}
+
+
+def test_lavis_eva_vit_g_runs_as_the_official_encoder(files, eva_files):
+    root = eva_files["root"]
+    summary = convert_official.convert(eva_files["checkpoint"], str(root / "eva_vit_g.pth"), str(root / "blip2.pth"),
+                                       files["lm"], files["tags"], str(root / "export"),
+                                       text_tower=str(root / "eva_clip_psz14.pt"), config=eva_files["config"])
+    assert summary["encoder_layout"] == "lavis"
+    assert all(k.startswith(("visual.trunk.blocks.2.", "visual.trunk.norm.", "visual.trunk.head."))
+               for k in summary["placeholders"]) and "visual.trunk.blocks.2.attn.qkv.weight" in summary["placeholders"]
+    model = load_pretrained(str(root / "export")).double()
+    gen = torch.Generator().manual_seed(12)
+    views = torch.randint(0, 256, (3, 28, 28, 3), generator=gen, dtype=torch.uint8)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (views.permute(0, 3, 1, 2).double() / 255 - mean) / std
+    lavis = {k: v.double() for k, v in eva_files["lavis"].items()}
+    ln = {k: v.double() for k, v in eva_files["blip2"].items()}
+    tokens = layer_norm(lavis_eva_reference(x, lavis, 2, 4), ln, "ln_vision", 1e-5)  # 2 of 3 blocks, then ln_vision
+    features = model.encoder(views)
+    torch.testing.assert_close(features.cls, tokens[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.grid.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-5, rtol=1e-5)
+    for k, v in eva_files["text"].items():
+        ours = "logit_scale" if k == "text.logit_scale" else k
+        assert torch.equal(model.encoder.clip.state_dict()[ours].reshape(v.shape), v.double()), k
