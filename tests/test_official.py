@@ -678,3 +678,12 @@ def test_lavis_eva_vit_g_runs_as_the_official_encoder(files, eva_files):
     for k, v in eva_files["text"].items():
         ours = "logit_scale" if k == "text.logit_scale" else k
         assert torch.equal(model.encoder.clip.state_dict()[ours].reshape(v.shape), v.double()), k
+
+
+def test_s3_secrets_are_refused_on_the_command_line(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["convert-official", "--checkpoint", "c", "--encoder", "e", "--blip2", "b", "--lm", "l",
+              "--ram-tags", "r", "--out", "o", "--s3-secret", "AKIASECRETVALUE"])
+    assert e.value.code == 2 and "AKIASECRETVALUE" not in capsys.readouterr().err
