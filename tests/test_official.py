@@ -370,6 +370,12 @@ def test_official_config_expects_exactly_the_released_keys(paper_meta):
     assert all(tuple(converted[k].shape) == tuple(ours[k].shape) for k in converted)
 
 
+def test_the_paper_config_expects_the_released_keys_too():
+    with torch.device("meta"):
+        model = DynRefer(load_config("paper"))
+    assert official.official_shapes(model) == paper_official_keys()
+
+
 def test_official_config_is_the_papers_model(paper_meta):
     m = paper_meta
     assert (m.encoder.width, m.encoder.patch_size, m.encoder.text_dim) == (1408, 14, 1024)
