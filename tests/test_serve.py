@@ -29,7 +29,7 @@ from dynrefer.views import validate_box
 from pipelines.serve import (
     PAGE, ChatCompletion, Dense, Limits, ModelList, Prepared, RegionOut, RegionsResponse, RequestError, bounded,
     chat_payload, completion, deployment_options, guarded, parse_config, parse_payload, predict_items,
-    prepare_request, read_body, region_results, stream_events,
+    prepare_request, read_body, read_payload, region_results, stream_events,
 )
 
 LIMITS = Limits(max_body_bytes=300_000, max_pixels=250_000, max_boxes=4, max_texts=3, max_text_chars=40)
@@ -196,6 +196,14 @@ def test_body_is_refused_by_its_declared_length_before_any_byte_is_read_and_by_i
     assert e.value.status == 413 and len(reads) == 3
     req, _ = request({}, [b"ab", b"cd"])
     assert asyncio.run(read_body(req, 1000)) == b"abcd"
+    # a multipart body without Content-Length stops at the limit inside Starlette's form parser too
+    ctype, body = multipart({"image": picture(), "boxes": "[[0, 0, 5, 5]]"})
+    req, reads = request({"Content-Type": ctype}, [body[i: i + 4096] for i in range(0, len(body), 4096)])
+    with pytest.raises(RequestError) as e:
+        asyncio.run(read_payload(req, Limits(max_body_bytes=20_000)))
+    assert (e.value.status, e.value.error) == (413, "body_too_large") and len(reads) == 5
+    req, _ = request({"Content-Type": ctype}, [body[i: i + 4096] for i in range(0, len(body), 4096)])
+    assert asyncio.run(read_payload(req, LIMITS)).boxes == [[0.0, 0.0, 5.0, 5.0]]
 
 
 @pytest.fixture(scope="module")
