@@ -196,7 +196,7 @@ def iter_json_array(uri: str, storage_options: StorageOptions | None = None, pre
             raise ValueError(f"{uri}: invalid JSON: {e}") from None
 
 
-def _top_level_kinds(uri: str, storage_options: StorageOptions | None) -> dict[str, str]:
+def top_level_kinds(uri: str, storage_options: StorageOptions | None) -> dict[str, str]:
     """key -> the ijson event that starts its value (``start_array``, ``start_map``, ``string``...) for the
     top-level object of a JSON file, tokenised in one pass without building the values."""
     import ijson
@@ -221,7 +221,8 @@ def _top_level_kinds(uri: str, storage_options: StorageOptions | None) -> dict[s
     return kinds
 
 
-def _section(uri: str, kinds: dict[str, str], key: str, storage_options: StorageOptions | None) -> Iterator[Any]:
+def json_section(uri: str, kinds: dict[str, str], key: str, storage_options: StorageOptions | None
+                 ) -> Iterator[Any]:
     """The entries of the top-level list ``key`` of a COCO-format file, streamed; a missing or non-list value
     raises as :func:`_field` would."""
     if key not in kinds:
@@ -395,7 +396,8 @@ def _match_objects(regions: list[RegionRecord], objects: list[tuple[list[float],
 
 def read_visual_genome(root: str, split: str | None = None, storage_options: StorageOptions | None = None,
                        split_file: str | None = None, use_objects: bool = True,
-                       min_object_iou: float = 0.5, record_errors: bool = False) -> Iterator[ImageRecord]:
+                       min_object_iou: float = 0.5, record_errors: bool = False,
+                       with_regions: bool = True) -> Iterator[ImageRecord]:
     """Visual Genome v1.2 region descriptions, one record per image of ``region_descriptions.json``.
 
     ``image_data.json`` gives sizes. Splits come from ``split_file`` (a list of image ids, or
@@ -407,7 +409,10 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
     :data:`VG_IMAGE_DIRS` (see :class:`_VGImageFiles`); a missing one gets ``root/images/{id}.jpg`` and fails
     later, at decoding.
     With ``record_errors``, a malformed entry or region is yielded with an ``"error"`` message instead of raising,
-    so that a batch job can count it as an error row and go on.
+    so that a batch job can count it as an error row and go on. ``with_regions=False`` lists the images alone
+    (``regions`` empty, their entries not parsed, objects not read): what dense captioning needs.
+
+    Every file is streamed (:func:`iter_json_array`): memory holds one image's entries, not the corpus.
     """
     if split is not None and split_file is None:
         split_file = storage.join(root, "splits", f"{split}.json")
@@ -424,7 +429,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
 
     region_uri = storage.join(root, "region_descriptions.json")
     entries = iter_json_array(region_uri, storage_options)
-    objects = _Lookahead(_vg_objects(root, storage_options) if use_objects else iter(()))
+    objects = _Lookahead(_vg_objects(root, storage_options) if use_objects and with_regions else iter(()))
     files = _VGImageFiles(root, urls.values(), storage_options)
     for i, entry in enumerate(entries):
         try:
@@ -440,7 +445,7 @@ def read_visual_genome(root: str, split: str | None = None, storage_options: Sto
         if splits is not None and image_id not in splits:
             continue
         regions = []
-        for j, region in enumerate(raw_regions):
+        for j, region in enumerate(raw_regions if with_regions else []):
             where = f"regions[{j}] of image {image_id}"
             try:
                 region_id = _field(region, ("region_id", "id"), "id", region_uri, where)
@@ -587,7 +592,7 @@ _SplitOf = Callable[[dict[str, Any], str], "tuple[bool, str | None]"]
 
 def _coco_categories(uri: str, kinds: dict[str, str], storage_options: StorageOptions | None) -> dict[str, str]:
     categories: dict[str, str] = {}
-    for i, cat in enumerate(_section(uri, kinds, "categories", storage_options)):
+    for i, cat in enumerate(json_section(uri, kinds, "categories", storage_options)):
         categories[str(_field(cat, "id", "id", uri, f"categories[{i}]"))] = \
             _field(cat, "name", "str", uri, f"categories[{i}]")
     return categories
@@ -601,13 +606,13 @@ def _coco_like(uri: str, storage_options: StorageOptions | None, image_root: str
     regions built, not the parsed file (whose segmentation polygons are most of COCO's size). ``region`` builds
     a region from an annotation (None skips it); ``split_of`` says whether to keep an image and its split label.
     """
-    kinds = kinds if kinds is not None else _top_level_kinds(uri, storage_options)
+    kinds = kinds if kinds is not None else top_level_kinds(uri, storage_options)
     for key in ("images", "categories"):
-        _section(uri, kinds, key, storage_options)  # a missing section fails before any work
+        json_section(uri, kinds, key, storage_options)  # a missing section fails before any work
     categories = _coco_categories(uri, kinds, storage_options)
     kept: list[tuple[str, str, int | None, int | None, str | None]] = []
     known: set[str] = set()
-    for i, img in enumerate(_section(uri, kinds, "images", storage_options)):
+    for i, img in enumerate(json_section(uri, kinds, "images", storage_options)):
         image_id = str(_field(img, "id", "id", uri, f"images[{i}]"))
         where = f"image {image_id}"
         known.add(image_id)
@@ -616,7 +621,7 @@ def _coco_like(uri: str, storage_options: StorageOptions | None, image_root: str
         if keep:
             kept.append((image_id, file_name, *_size(img, uri, where), label))
     by_image: dict[str, list[RegionRecord]] = defaultdict(list)
-    for i, ann in enumerate(_section(uri, kinds, "annotations", storage_options)):
+    for i, ann in enumerate(json_section(uri, kinds, "annotations", storage_options)):
         ann_id = _field(ann, "id", "id", uri, f"annotations[{i}]")
         where = f"annotation {ann_id}"
         image_id = str(_field(ann, "image_id", "id", uri, where))
@@ -650,13 +655,13 @@ def read_coco_instances(instances_json: str, image_root: str, split: str | None 
 
 def ovad_attributes(ovad_json: str, storage_options: StorageOptions | None = None) -> list[OvadAttribute]:
     """OVAD's attribute vocabulary, ordered by id; ``attribute_labels`` of OVAD regions align with it."""
-    return _ovad_attributes(ovad_json, _top_level_kinds(ovad_json, storage_options), storage_options)
+    return _ovad_attributes(ovad_json, top_level_kinds(ovad_json, storage_options), storage_options)
 
 
 def _ovad_attributes(uri: str, kinds: dict[str, str], storage_options: StorageOptions | None
                      ) -> list[OvadAttribute]:
     out: list[OvadAttribute] = []
-    for i, att in enumerate(_section(uri, kinds, "attributes", storage_options)):
+    for i, att in enumerate(json_section(uri, kinds, "attributes", storage_options)):
         where = f"attributes[{i}]"
         out.append({
             "id": _field(att, "id", "int", uri, where), "name": _field(att, "name", "str", uri, where),
@@ -679,7 +684,7 @@ def read_ovad(ovad_json: str, image_root: str, split: str | None = None,
     -1 ignore) for evaluation. Images carry an optional ``set`` ("train300"...), used as the split label;
     ``split`` keeps only the images of that set.
     """
-    kinds = _top_level_kinds(ovad_json, storage_options)
+    kinds = top_level_kinds(ovad_json, storage_options)
     names = [a["name"] for a in _ovad_attributes(ovad_json, kinds, storage_options)]
 
     def region(ann: dict[str, Any], where: str, box: list[float], category: str) -> RegionRecord:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -135,7 +136,8 @@ def image_records(images: str, split: str | None = None, image_root: str | None 
     if is_vg:
         records = [{**{k: r[k] for k in ("image_id", "file", "split")}, "regions": [],
                     **({"error": r["error"]} if "error" in r else {})}
-                   for r in datasets.read_visual_genome(images, split=split, storage_options=so, record_errors=True)]
+                   for r in datasets.read_visual_genome(images, split=split, storage_options=so, record_errors=True,
+                                                        with_regions=False)]
     elif images.endswith(".json"):
         records = _coco_images(images, image_root or posixpath.dirname(images), so)
     else:
@@ -193,10 +195,11 @@ def file_ids(files: Sequence[str], source: str = "images") -> list[str]:
 
 
 def _coco_images(uri: str, root: str, so: storage.StorageOptions | None) -> list[dict[str, Any]]:
-    data = storage.read_json(uri, so)
-    entries = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{uri}: expected a COCO JSON object with an 'images' list")
+    """The ``images`` of a COCO JSON, streamed (an instances file's annotations are skipped, never parsed)."""
+    try:
+        entries = datasets.json_section(uri, datasets.top_level_kinds(uri, so), "images", so)
+    except ValueError as e:
+        raise ValueError(f"{uri}: expected a COCO JSON object with an 'images' list ({e})") from None
     records = []
     for i, entry in enumerate(entries):
         if not (isinstance(entry, dict) and isinstance(entry.get("id"), (int, str))
@@ -302,7 +305,9 @@ class ProposeRegions:
         self.proposer = load_proposer(self.job.proposals, self.job.storage_options or None, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [json.dumps(propose_shard(self.proposer, json.loads(r), self.job)) for r in batch["records"]]
+        so = self.job.storage_options or None
+        records = [json.dumps(propose_shard(self.proposer, read_plan(str(p), so)["records"], self.job))
+                   for p in batch["plan"]]
         return {**batch, "records": np.array(records, dtype=object)}
 
 
@@ -429,8 +434,9 @@ class ShardInputs:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         for i, shard in enumerate(batch["shard"]):
             if self.job.dense:
-                yield from image_shard_inputs(int(shard), json.loads(batch["records"][i]),
-                                              json.loads(batch["errors"][i]), self.job, self.cfg)
+                planned = read_plan(str(batch["plan"][i]), self.job.storage_options or None)
+                records = json.loads(batch["records"][i]) if "records" in batch else planned["records"]
+                yield from image_shard_inputs(int(shard), records, planned["errors"], self.job, self.cfg)
             else:
                 yield from shard_inputs(int(shard), self.job, self.cfg, self.prepared_size)
 
@@ -530,29 +536,52 @@ def output_name(shard: int, fmt: str) -> str:
 
 # --- the job ------------------------------------------------------------------------------------------------------
 
-def plan(job: CaptionJob) -> tuple[int, list[dict[str, Any]]]:
+def plan_uri(job: CaptionJob, shard: int) -> str:
+    return storage.join(job.out, "plan", shard_name(shard).replace(".parquet", ".json.gz"))
+
+
+def read_plan(uri: str, storage_options: storage.StorageOptions | None) -> dict[str, Any]:
+    """A dense shard's plan: ``{"records": [...], "errors": [...]}``."""
+    return json.loads(gzip.decompress(storage.read_bytes(uri, storage_options)))
+
+
+def plan(job: CaptionJob, done: set[str] | frozenset[str] = frozenset(),
+         ready: Callable[[], None] | None = None) -> tuple[int, list[dict[str, Any]]]:
     """(number of input images, one work item per shard); the same inputs give the same shards on every run.
 
-    Prepared input: one item per prepared shard. Images: shards of ``images_per_shard`` images in reading order,
-    each with its records (and detections' boxes) and the error rows of the detections it owns (those naming no
-    known image go to shard 0)."""
+    Prepared input: one item per prepared shard. Images: shards of ``images_per_shard`` images in reading order;
+    each shard not in ``done`` (output names) has its records (and detections' boxes) and the error rows of the
+    detections it owns (those naming no known image go to shard 0) written to ``out/plan/shard-NNNNN.json.gz``,
+    and its item carries that file's URI, so that work items (held by the driver and Ray) stay small. ``ready``
+    is called once the inputs are read and usable, before anything is written (a planning error writes nothing)."""
     so = job.storage_options or None
     if not job.dense:
         shards = sorted(int(n[6:11]) for n in storage.listdir(storage.join(job.prepared, "regions"), so)
                         if n.startswith("shard-"))
+        if ready is not None:
+            ready()
         return 0, [{"shard": s} for s in shards]
     records = image_records(job.images, job.split, job.image_root, so)
     errors: list[dict[str, Any]] = []
     if job.detections is not None:
         errors = attach_detections(records, storage.read_json(job.detections, so), job.detections, job.min_score,
                                    job.max_regions)
+    num_shards = math.ceil(len(records) / job.images_per_shard)
     shard_of = {r["image_id"]: i // job.images_per_shard for i, r in enumerate(records)}
-    items = [{"shard": s, "records": records[s * job.images_per_shard: (s + 1) * job.images_per_shard], "errors": []}
-             for s in range(math.ceil(len(records) / job.images_per_shard))]
+    shard_errors: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for e in errors:
-        items[shard_of.get(e["image_id"], 0)]["errors"].append(e)
-    return len(records), [{"shard": it["shard"], "records": json.dumps(it["records"]),
-                           "errors": json.dumps(it["errors"])} for it in items]
+        shard_errors[shard_of.get(e["image_id"], 0)].append(e)
+    del shard_of, errors
+    if ready is not None:
+        ready()
+    items = []
+    for s in range(num_shards):
+        if output_name(s, job.format) not in done:
+            body = {"records": records[s * job.images_per_shard: (s + 1) * job.images_per_shard],
+                    "errors": shard_errors.get(s, [])}
+            storage.write_bytes(plan_uri(job, s), gzip.compress(json.dumps(body).encode(), compresslevel=1), so)
+        items.append({"shard": s, "plan": plan_uri(job, s)})
+    return len(records), items
 
 
 def check_manifest(job: CaptionJob) -> None:
@@ -575,9 +604,8 @@ def run(job: CaptionJob, progress: bool = True) -> dict[str, Any]:
     validate_job(job)
     so = job.storage_options or None
     start = time.perf_counter()
-    images, items = plan(job)
-    check_manifest(job)
     done = set(storage.listdir(storage.join(job.out, "captions"), so))
+    images, items = plan(job, done, ready=lambda: check_manifest(job))
     todo = [it for it in items if output_name(it["shard"], job.format) not in done]
     log.info("%d shards; %d already captioned, %d to do", len(items), len(items) - len(todo), len(todo))
     if todo:
@@ -605,6 +633,12 @@ def run(job: CaptionJob, progress: bool = True) -> dict[str, Any]:
                                       key=lambda r: (r["image_id"] or "", r["region_id"] or ""))
                         storage.write_bytes(storage.join(job.out, "captions", output_name(shard, job.format)),
                                             encode(rows, job.format), so)
+                        if job.dense:  # written: the shard's plan is no longer needed
+                            fs, path = storage.filesystem(plan_uri(job, shard), so)
+                            try:
+                                fs.rm(path)
+                            except OSError:
+                                pass
                 bar.update(len(batch["image_id"]))
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} did not come back whole")
