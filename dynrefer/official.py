@@ -222,6 +222,34 @@ def blip2_frozen(uri: str, storage_options: storage.StorageOptions | None = None
     return convert_state_dict({k: state[k] for k in wanted}, uri)
 
 
+#: BLIP-2 tensors DynRefer does not use: the Q-former's text side and the stage-1 heads (LAVIS names), the frozen
+#: ViT and LM (loaded from their own files).
+_BLIP2_UNUSED = re.compile(r"Qformer\.cls\.|Qformer\.bert\.embeddings\.(word|position)_embeddings\.|"
+                           r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|"
+                           r"(vision_proj|text_proj|itm_head)\.|temp\Z|visual_encoder\.|t5_model\.")
+
+
+def blip2_init(uri: str, storage_options: storage.StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """BLIP-2's Q-former, ``t5_proj``, ``query_tokens`` and ``ln_vision`` in our keys: the official starting point
+    of training. From LAVIS's ``.pth`` (tensors DynRefer does not use are skipped) or a Hugging Face directory
+    (``qformer.*``, ``language_projection.*``, ``query_tokens``, ``vision_model.post_layernorm.*``)."""
+    import os
+
+    local = storage.local_copy(uri, storage_options)
+    if os.path.isdir(local):
+        from dynrefer.qformer import read_blip2
+
+        out = blip2_frozen(uri, storage_options)
+        for k, v in read_blip2(local).items():
+            if k.startswith("qformer."):
+                out["embedding.qformer." + k] = v
+            elif k.startswith("language_projection."):
+                out["language.proj." + k.removeprefix("language_projection.")] = v
+        return out
+    state = lavis_model_state(read_torch_file(uri, storage_options), uri)
+    return convert_state_dict({k: v for k, v in state.items() if not _BLIP2_UNUSED.match(k)}, uri)
+
+
 def unwrap_state_dict(data: Any, uri: str) -> dict[str, torch.Tensor]:
     """A state dict inside the usual wrappers ({"state_dict"}, {"model"}, {"module"}), "module." prefixes removed."""
     for key in ("state_dict", "model", "module"):

@@ -8,6 +8,10 @@ is the EVA ViT-g/14 with the EVA-CLIP text tower as one open_clip ``EVA01-g-14``
 checkpoint that needs nothing added is referenced as it is, anything else (LAVIS ``eva_vit_g.pth``, an EVA-CLIP
 file, a separate text tower) is converted once into ``encoder.safetensors`` beside the export (``--encoder-out``).
 Nothing here needs the weights in memory as a model: the checks run against the model built on the meta device.
+
+Without ``--checkpoint`` the export is the official starting point of training instead: BLIP-2's Q-former,
+``t5_proj``, ``query_tokens`` and ``ln_vision`` (from LAVIS's ``.pth`` or a Hugging Face directory), DynRefer's
+own modules at their initialisation; ``dynrefer train`` starts from it with ``init_from``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,34 @@ def export_shapes(model: torch.nn.Module) -> official.Shapes:
     :func:`dynrefer.checkpoint.saved_state` selects them): everything but ``encoder.clip.*`` and ``language.lm.*``."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not k.startswith(("embedding.encoder.", "encoder.clip.", "language.lm."))}
+
+
+def initial_state(cfg: DynReferConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable modules (and ``ln_vision``) at their initialisation, in our names: DynRefer's own modules start
+    as the official code starts them (the alignment's offsets zero, so every non-base view is zero), the rest is
+    overwritten by BLIP-2's."""
+    from torch import nn
+
+    from dynrefer.alignment import ViewAlignment
+    from dynrefer.decoders import ContrastiveHead, TagHead
+    from dynrefer.embedding import ViewFusion
+    from dynrefer.model import promote_scalar_parameters
+    from dynrefer.qformer import QFormer
+
+    width, text_dim, region_dim = model.encoder.width, model.encoder.text_dim, cfg.qformer.hidden_size
+    qformer = DynReferConfig.from_dict(cfg.to_dict()).qformer
+    qformer.path = None
+    parts = {"embedding.alignment": ViewAlignment(width, cfg.alignment),
+             "embedding.fusion": ViewFusion(width, cfg.views.num_views), "embedding.qformer": QFormer(qformer, width),
+             "tags": TagHead(cfg.tags, text_dim, region_dim), "contrastive": ContrastiveHead(cfg.contrastive, text_dim,
+                                                                                            region_dim),
+             "language.proj": nn.Linear(region_dim, model.language.proj.out_features),
+             "encoder.ln_vision": nn.LayerNorm(width)}
+    out = {"language.control": torch.zeros(model.language.proj.out_features)}
+    for prefix, module in parts.items():
+        promote_scalar_parameters(module)
+        out.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+    return out
 
 
 def lm_width(uri: str, storage_options: storage.StorageOptions | None) -> int:
@@ -91,7 +123,7 @@ def encoder_checkpoint(cfg: DynReferConfig, model: torch.nn.Module, encoder: str
     return out, info
 
 
-def convert(checkpoint: str, encoder: str, blip2: str, lm: str, ram_tags: str, out: str,
+def convert(checkpoint: str | None, encoder: str, blip2: str, lm: str, ram_tags: str, out: str,
             text_tower: str | None = None, ovad: str | None = None, categories: str | None = None,
             config: str = "official", tag_threshold: float | None = None, encoder_out: str | None = None,
             storage_options: storage.StorageOptions | None = None) -> dict[str, Any]:
@@ -114,24 +146,30 @@ def convert(checkpoint: str, encoder: str, blip2: str, lm: str, ram_tags: str, o
     cfg.qformer.path = None  # query_tokens and ln_vision travel in the export; the rest is the checkpoint's
     model = meta_model(cfg)
 
-    state = official.load_official_checkpoint(checkpoint, official.official_shapes(model), storage_options)
-    frozen = official.blip2_frozen(blip2, storage_options)
+    shapes = export_shapes(model)
+    if checkpoint:
+        state = official.load_official_checkpoint(checkpoint, official.official_shapes(model), storage_options)
+        frozen = official.blip2_frozen(blip2, storage_options)
+    else:  # the official starting point of training: BLIP-2's Q-former and t5_proj, DynRefer's modules initialised
+        state = initial_state(cfg, model)
+        frozen = official.blip2_init(blip2, storage_options)
+        from_blip2 = ("embedding.qformer.", "language.proj.", "encoder.ln_vision.")
+        official.check_state(frozen, {k: v for k, v in shapes.items() if k.startswith(from_blip2)}, blip2)
     width = lm_width(lm, storage_options)
     if width != model.language.proj.out_features:
-        raise ValueError(f"{lm}: the LM's width is {width}, but t5_proj in {checkpoint} projects to "
+        raise ValueError(f"{lm}: the LM's width is {width}, but t5_proj in {checkpoint or blip2} projects to "
                          f"{model.language.proj.out_features}")
-    shapes = export_shapes(model)
     # the tag queries are recomputed from the text tower whenever the export loads (refresh_text_embeddings)
     tables = {"tags.tag_embeddings": torch.zeros(shapes["tags.tag_embeddings"])}
     export = {**state, **frozen, **tables}
-    official.check_state(export, shapes, f"{checkpoint} + {blip2}")
+    official.check_state(export, shapes, f"{checkpoint} + {blip2}" if checkpoint else blip2)
 
     encoder_out = encoder_out or storage.join(out, "encoder.safetensors")
     cfg.encoder.checkpoint, info = encoder_checkpoint(cfg, model, absolute(encoder), absolute(text_tower),
                                                       absolute(encoder_out), storage_options)
     cfg.language.path = absolute(lm)
     weights = save({k: v.detach().contiguous() for k, v in export.items()},
-                   metadata={"format": "pt", "source": checkpoint})
+                   metadata={"format": "pt", "source": checkpoint or blip2})
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
     storage.write_bytes(storage.join(out, CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2).encode(),
                         storage_options)
@@ -142,8 +180,10 @@ def convert(checkpoint: str, encoder: str, blip2: str, lm: str, ram_tags: str, o
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynrefer convert-official", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="the released DynRefer checkpoint: vg1.2_5e.pth or "
-                                                       "refcocog_ft.pth (LAVIS format)")
+    p.add_argument("--checkpoint", help="the released DynRefer checkpoint: vg1.2_5e.pth or refcocog_ft.pth (LAVIS "
+                                        "format); without it, the official starting point of training (BLIP-2's "
+                                        "Q-former and t5_proj, DynRefer's own modules initialised), for "
+                                        "`dynrefer train` with init_from")
     p.add_argument("--encoder", required=True, help="EVA ViT-g/14: LAVIS eva_vit_g.pth, an EVA-CLIP checkpoint "
                                                     "(eva_clip_psz14.pt) or an open_clip EVA01-g-14 checkpoint")
     p.add_argument("--text-tower", help="the EVA-CLIP text tower: eva_clip_psz14.pt (its text.*); default: the "

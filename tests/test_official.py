@@ -693,3 +693,36 @@ def test_s3_secrets_are_refused_on_the_command_line(capsys):
         main(["convert-official", "--checkpoint", "c", "--encoder", "e", "--blip2", "b", "--lm", "l",
               "--ram-tags", "r", "--out", "o", "--s3-secret", "AKIASECRETVALUE"])
     assert e.value.code == 2 and "AKIASECRETVALUE" not in capsys.readouterr().err
+
+
+def test_without_a_checkpoint_the_export_is_blip2s_starting_point(files, tmp_path):
+    """LAVIS's BLIP-2 .pth (its Q-former's text side included, which DynRefer drops) initialises the Q-former and
+    t5_proj; the alignment starts at the official zero output for every non-base view."""
+    gen = torch.Generator().manual_seed(9)
+    blip2 = {k: random_tensor(tuple(v.shape), gen) for k, v in files["state"].items()
+             if k.startswith(("Qformer.", "t5_proj.")) and k != "Qformer.bert.embeddings.position_ids"}
+    blip2.update({k: files["blip2_state"][k] for k in ("query_tokens", "ln_vision.weight", "ln_vision.bias")})
+    blip2.update({"Qformer.cls.predictions.bias": torch.ones(30522), "Qformer.bert.encoder.layer.0.output.dense.weight":
+                  torch.ones(64, 96), "Qformer.bert.embeddings.word_embeddings.weight": torch.ones(30522, 64)})
+    torch.save({"model": blip2}, tmp_path / "blip2_pretrained_flant5xl.pth")
+    summary = convert_official.convert(None, files["encoder"], str(tmp_path / "blip2_pretrained_flant5xl.pth"),
+                                       files["lm"], files["tags"], str(tmp_path / "init"), config=files["config"])
+    assert summary["checkpoint"] is None
+    model = load_pretrained(str(tmp_path / "init")).double().eval()
+    s = {k: v.double() for k, v in blip2.items()}
+    tokens = torch.randn(2, 10, C, dtype=torch.float64)
+    cfg = model.cfg.qformer
+    expected = qformer_reference(tokens, s["query_tokens"], s, cfg.num_layers, cfg.num_heads,
+                                 cfg.cross_attention_frequency)
+    torch.testing.assert_close(model.embedding.qformer(tokens), expected, atol=1e-5, rtol=1e-5)
+    regions = torch.randn(2, cfg.num_queries, cfg.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(model.language.proj(regions), linear(regions, s, "t5_proj"), atol=1e-5, rtol=1e-5)
+    view = torch.randn(2, C, 4, 4, dtype=torch.float64)
+    assert torch.equal(model.embedding.alignment(view, view.flip(0)), torch.zeros_like(view))
+    assert torch.equal(model.language.control, torch.zeros_like(model.language.control))
+    # a BLIP-2 file without its Q-former is refused, naming what is missing
+    del blip2["Qformer.bert.encoder.layer.1.attention.self.query.weight"]
+    torch.save({"model": blip2}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial\.pth: .*missing keys \(1\).*layer\.1\.attention\.attention\.query"):
+        convert_official.convert(None, files["encoder"], str(tmp_path / "partial.pth"), files["lm"], files["tags"],
+                                 str(tmp_path / "init2"), config=files["config"])
