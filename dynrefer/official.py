@@ -130,17 +130,20 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], source: str = "state d
 Shapes = dict[str, tuple[int, ...]]
 
 
-def check_state(state: Mapping[str, torch.Tensor], expected: Shapes, source: str,
-                optional: Iterable[str] = ()) -> None:
-    """Every expected key present with its shape, and nothing else: one ValueError listing every missing key,
-    unexpected key and shape that differs, naming ``source``. ``optional`` keys may be absent."""
-    optional = set(optional)
-    missing = sorted(k for k in expected if k not in state and k not in optional)
+def state_problems(state: Mapping[str, torch.Tensor], expected: Shapes) -> list[str]:
+    """Every missing key, unexpected key and shape that differs, one line per kind (empty: it matches)."""
+    missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
     shapes = sorted(f"{k}: {tuple(state[k].shape)} (expected {expected[k]})" for k in state
                     if k in expected and tuple(state[k].shape) != tuple(expected[k]))
-    problems = [f"{label} ({len(items)}): {items}" for label, items in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shapes that differ", shapes)) if items]
+    return [f"{label} ({len(items)}): {items}" for label, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("shapes that differ", shapes)) if items]
+
+
+def check_state(state: Mapping[str, torch.Tensor], expected: Shapes, source: str) -> None:
+    """Every expected key present with its shape, and nothing else; else one ValueError naming ``source`` and
+    listing every problem at once."""
+    problems = state_problems(state, expected)
     if problems:
         raise ValueError(f"{source}: does not match the model; " + "; ".join(problems))
 
@@ -189,9 +192,15 @@ def load_official_checkpoint(uri: str, expected: Shapes,
     """A released DynRefer checkpoint (``vg1.2_5e.pth``, ``refcocog_ft.pth``) checked against ``expected``
     (:func:`official_shapes`) and converted to our keys."""
     state = lavis_model_state(read_torch_file(uri, storage_options), uri)
-    converted = convert_state_dict(state, uri)  # unknown keys first: they name the key
-    check_state({k: v for k, v in state.items() if k not in DROPPED}, expected, uri)
-    return converted
+    unknown = [k for k in state if k not in DROPPED and to_ours(k) is None]
+    known = {k: v for k, v in state.items() if k not in DROPPED and k not in unknown}
+    not_tensors = [k for k, v in known.items() if not isinstance(v, torch.Tensor)]
+    problems = ([f"unknown official keys ({len(unknown)}): {unknown}"] if unknown else []) + (
+        [f"keys that do not hold tensors ({len(not_tensors)}): {not_tensors}"] if not_tensors else []) + (
+        state_problems({k: v for k, v in known.items() if k not in not_tensors}, expected))
+    if problems:
+        raise ValueError(f"{uri}: does not match the model; " + "; ".join(problems))
+    return convert_state_dict(state, uri)
 
 
 # ---------------------------------------------------------------------------------------------- frozen parts

@@ -534,9 +534,15 @@ def test_wrong_shapes_and_missing_keys_are_reported_at_once(files, tmp_path):
 
 def test_an_unknown_key_in_a_checkpoint_is_named_with_its_file(files, tmp_path):
     path = tmp_path / "extra.pth"
-    torch.save({"model": {**files["state"], "cvem_gate.weight": torch.ones(3)}}, path)
-    with pytest.raises(ValueError, match=r"extra\.pth: unknown official key\(s\) \['cvem_gate\.weight'\]"):
-        official.load_official_checkpoint(str(path), {})
+    torch.save({"model": {**files["state"], "cvem_gate.weight": torch.ones(3), "cem_memory": torch.ones(7)}}, path)
+    cfg = load_config(files["config"])
+    with torch.device("meta"):
+        expected = official.official_shapes(DynRefer(cfg))
+    with pytest.raises(ValueError) as e:
+        official.load_official_checkpoint(str(path), expected)
+    message = str(e.value)  # the unknown key and the wrong shape, at once
+    assert message.startswith(f"{path}: does not match the model; unknown official keys (1): ['cvem_gate.weight']")
+    assert "cem_memory: (7,) (expected (128,))" in message
 
 
 def test_lm_of_another_width_is_refused(files, tmp_path):
