@@ -1,10 +1,14 @@
-"""Load on the Serve app at 127.0.0.1: throughput and p50/p99 latency at 1, 4 and 16 clients, @serve.batch on vs off.
+"""Load on the Serve app at 127.0.0.1: throughput and p50/p99 latency at 1, 4 and 16 clients, @serve.batch on vs off,
+for /v1/regions and the OpenAI-compatible /v1/chat/completions.
 
 One run deploys the app twice on a local Ray cluster (batching on and off, in --modes order; the same untrained
-tiny model, the same image and boxes), sends /v1/regions requests from N client threads for a fixed time per level
-(at most --max-requests), and prints one row per (mode, clients). A poller reads ``serve.status()`` every 0.5 s for
-the replicas the autoscaler asked for and those running (model and preprocessing: 1..2 replicas, 1 s upscale and
-4 s downscale delays); after each mode it waits for them to scale back to one. Every request must succeed; the exit
+tiny model, the same image and boxes), sends requests to each of --routes from N client threads for a fixed time
+per level (at most --max-requests), and prints one row per (mode, route, clients). The chat request is what the
+openai client sends: the same JPEG as a data: URL in a user message, the same boxes in the ``boxes`` extension
+field, so the two routes differ only in how the request is read and the answer written. A poller reads
+``serve.status()`` every 0.5 s for the replicas the autoscaler asked for and those running (model and
+preprocessing: 1..2 replicas, 1 s upscale and 4 s downscale delays); after each mode it waits for them to scale
+back to one. Every request must succeed; the exit
 code is 1 otherwise.
 
 With --kill-replica it runs one other scenario instead: two model replicas, the largest --levels client count for
@@ -13,7 +17,8 @@ request and how long Serve took to run a replacement. The exit code is 1 if no r
 request hung (no answer within its 120 s client timeout) or more requests failed than there are clients (only
 those under way on the killed replica may).
 
-    .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off] [--kill-replica]
+    .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off] [--routes regions,chat]
+    .venv/bin/python benchmarks/serve_load.py --kill-replica
 """
 
 import argparse
@@ -52,7 +57,7 @@ def export_tiny_model(path: str) -> None:
     save_pretrained(DynRefer(cfg), path)
 
 
-def request_body(boxes: int) -> bytes:
+def request_body(boxes: int, route: str = "regions") -> bytes:
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -62,7 +67,16 @@ def request_body(boxes: int) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=90)
     regions = [[40 + 60 * i, 40 + 30 * i, 240 + 60 * i, 300 + 30 * i] for i in range(boxes)]
-    return json.dumps({"image": base64.b64encode(out.getvalue()).decode(), "boxes": regions}).encode()
+    image = base64.b64encode(out.getvalue()).decode()
+    if route == "chat":
+        content = [{"type": "text", "text": "Describe the regions."},
+                   {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + image}}]
+        return json.dumps({"model": "dynrefer", "messages": [{"role": "user", "content": content}],
+                           "boxes": regions}).encode()
+    return json.dumps({"image": image, "boxes": regions}).encode()
+
+
+ROUTES = {"regions": "/v1/regions", "chat": "/v1/chat/completions"}
 
 
 def app_args(model: str, batching: bool, min_predictors: int = 1) -> dict:
@@ -156,7 +170,8 @@ def load_level(url: str, body: bytes, clients: int, seconds: float, max_requests
                 issued[0] += 1
             status, seconds, payload = post(url, body, TIMEOUT_S)
             with lock:
-                results.append((status, seconds, payload.get("batch", {}).get("requests", 0)))
+                batch = payload.get("batch") or payload.get("dynrefer", {}).get("batch", {})  # chat: the extension
+                results.append((status, seconds, batch.get("requests", 0)))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -210,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
     p.add_argument("--modes", default="on,off", help="@serve.batch on/off, in this order")
     p.add_argument("--boxes", type=int, default=2, help="boxes per request")
+    p.add_argument("--routes", default="regions,chat", help="routes to load: regions, chat (in this order)")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     p.add_argument("--kill-replica", action="store_true", help="instead: kill one of two model replicas under load")
     args = p.parse_args(argv)
@@ -220,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.serve import app_builder
 
     levels = [int(x) for x in args.levels.split(",")]
+    routes = [r.strip() for r in args.routes.split(",")]
+    if not set(routes) <= set(ROUTES):
+        p.error(f"--routes: from {', '.join(ROUTES)}")
     body = request_body(args.boxes)
+    bodies = {r: request_body(args.boxes, r) for r in routes}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1/regions"
+    base = f"http://127.0.0.1:{port}"
+    url = base + ROUTES["regions"]
     rows, scale_downs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
@@ -249,18 +270,21 @@ def main(argv: list[str] | None = None) -> int:
             for batching in [m.strip() == "on" for m in args.modes.split(",")]:
                 mode = "batch on" if batching else "batch off"
                 serve.run(app_builder(app_args(model, batching)), name=APP, route_prefix="/")
-                for _ in range(5):
-                    post(url, body)  # warm-up: first forwards, tokenizer, allocator
-                for clients in levels:
-                    for name in ("Predictor", "Preprocess"):
-                        wait_for_scale_down(poller, name, 1, 60)
-                    poller.reset_peak()
-                    row = load_level(url, body, clients, args.seconds, args.max_requests)
-                    replicas = {name: f"{poller.peak.get(name, 0)}/{poller.peak_wanted.get(name, 0)}"
-                                for name in ("Predictor", "Preprocess")}
-                    row.update(mode=mode, replicas=replicas)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                for route in routes:
+                    for _ in range(5):
+                        post(base + ROUTES[route], bodies[route])  # warm-up: first forwards, tokenizer, allocator
+                for route in routes:
+                    for clients in levels:
+                        for name in ("Predictor", "Preprocess"):
+                            wait_for_scale_down(poller, name, 1, 60)
+                        poller.reset_peak()
+                        row = load_level(base + ROUTES[route], bodies[route], clients, args.seconds,
+                                         args.max_requests)
+                        replicas = {name: f"{poller.peak.get(name, 0)}/{poller.peak_wanted.get(name, 0)}"
+                                    for name in ("Predictor", "Preprocess")}
+                        row.update(mode=mode, route=route, replicas=replicas)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
                 at_end = dict(poller.latest)
                 scale_downs[mode] = (at_end, {name: wait_for_scale_down(poller, name, 1, 60)
                                               for name in ("Predictor", "Preprocess")})
@@ -270,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             serve.shutdown()
             ray.shutdown()
 
-    print(f"\n/v1/regions, {args.boxes} boxes per 640x480 JPEG, untrained tiny model, {args.num_cpus} logical CPUs, "
-          f"{args.seconds:g} s per level; replicas: most running / most running or starting\n")
-    print(f"{'mode':<10}{'clients':>8}{'requests':>9}{'failed':>7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"\n{' and '.join(ROUTES[r] for r in routes)}, {args.boxes} boxes per 640x480 JPEG, untrained tiny model, "
+          f"{args.num_cpus} logical CPUs, {args.seconds:g} s per level; replicas: most running / most running or "
+          f"starting\n")
+    print(f"{'mode':<10}{'route':<8}{'clients':>8}{'requests':>9}{'failed':>7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'req/forward':>12}{'model repl.':>12}{'prep repl.':>11}")
     for r in rows:
-        print(f"{r['mode']:<10}{r['clients']:>8}{r['requests']:>9}{r['failed']:>7}{r['throughput']:>8.2f}"
+        print(f"{r['mode']:<10}{r['route']:<8}{r['clients']:>8}{r['requests']:>9}{r['failed']:>7}"
+              f"{r['throughput']:>8.2f}"
               f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}{r['mean_shared']:>12.2f}{r['replicas']['Predictor']:>12}"
               f"{r['replicas']['Preprocess']:>11}")
     for mode, (at_end, waits) in scale_downs.items():

@@ -126,15 +126,17 @@ class Ingress:
         return JSONResponse(done)
 
     @app.post("/v1/regions", response_model=RegionsResponse, responses=ERRORS, openapi_extra=REQUEST_BODY,
-              summary="Caption given boxes", description="Per box: caption, tags with scores, scores of the given "
-              "texts, and the views used (t and crop box). The image comes as multipart, base64 JSON or raw bytes.")
+              summary="Caption given boxes or masks", description="Per region (a box, or a mask's tight box with "
+              "its mask_id): caption, tags with scores, category and attributes, scores of the given texts, and the "
+              "views used (t and crop box). The image comes as multipart, base64 JSON or raw bytes. Points are "
+              "refused (422): send a box or a mask.")
     async def regions(self, request: Request) -> Response:
         return await guarded(lambda rid: self._regions(request, rid, dense=False), request_id(request))
 
     @app.post("/v1/dense", response_model=RegionsResponse, responses={**ERRORS, 501: {"model": ErrorBody}},
               openapi_extra=REQUEST_BODY, summary="Dense captioning",
-              description="Regions from the configured proposal model (501 without one), or from 'boxes' given by "
-              "any detector, each with its caption.")
+              description="Regions from the configured proposal model (501 without one), or from 'boxes' (any "
+              "detector's) or 'masks' (any segmenter's), each with its caption.")
     async def dense(self, request: Request) -> Response:
         return await guarded(lambda rid: self._regions(request, rid, dense=True), request_id(request))
 
