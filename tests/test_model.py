@@ -66,6 +66,8 @@ def test_encoder_stops_early_skips_the_final_norm_and_applies_ln_vision():
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg.encoder.layer = -2
+    cfg.encoder.model_cfg = {**cfg.encoder.model_cfg, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128,
+                                                                     "patch_size": 8, "head_width": 32}}  # a ViT
     m = DynRefer(cfg).eval()
     visual = m.encoder.clip.visual
     ran = []

@@ -48,7 +48,7 @@ def test_encoder_takes_a_json_model_config(tmp_path):
 
     path = tmp_path / "clip.json"
     path.write_text(json.dumps(tiny().encoder.model_cfg))
-    enc = ImageEncoder(EncoderConfig(name=str(path)))
+    enc = ImageEncoder(EncoderConfig(name=str(path), layer=tiny().encoder.layer))
     assert (enc.patch_size, enc.width, enc.text_dim) == (8, 128, 128)
     feats = enc(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
     assert feats.grid.shape == (2, 128, 8, 8) and feats.cls.shape == (2, 128)
@@ -122,3 +122,32 @@ def test_blip2_directory_initialises_qformer_queries_and_the_lm_projection(tmp_p
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="language_projection"):
         DynRefer(cfg)
+
+
+def test_conv_tower_gives_a_stage_grid_and_its_pooled_embedding_after_ln_vision(weights):
+    """A ResNet tower (tiny's): the grid is stage ``encoder.layer`` (its stride is the patch size RoI-Align scales
+    by), the CLS its attention-pooled embedding; loading a checkpoint and building leave batch-norm statistics alone."""
+    from dynrefer.encoder import conv_geometry
+
+    cfg = dataclasses.replace(tiny().encoder, checkpoint=weights["clip_path"])
+    assert cfg.model_cfg["vision_cfg"]["layers"] == [1, 1, 1, 1]
+    enc = ImageEncoder(cfg)
+    for (name, a), b in zip(enc.clip.state_dict().items(), weights["clip"].state_dict().values()):
+        assert torch.equal(a, b), name  # running means and variances included
+    visual = enc.clip.visual
+    assert (enc.patch_size, enc.width) == (8, 128) and conv_geometry(visual, 1) == (4, 64)
+    assert conv_geometry(visual, -1) == (32, 512)
+    with torch.no_grad():
+        enc.ln_vision.weight.uniform_(0.5, 1.5)
+        enc.ln_vision.bias.normal_()
+    views = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    feats = enc(views)
+    x = (views.permute(0, 3, 1, 2).float() / 255 - enc.mean) / enc.std
+    with torch.no_grad():
+        stage2 = visual.layer2(visual.layer1(visual.stem(x)))  # (3, 128, 8, 8)
+        pooled = visual(x)  # (3, 128): the CLIP image embedding before normalisation
+    torch.testing.assert_close(feats.grid, enc.ln_vision(stage2.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    torch.testing.assert_close(feats.cls, enc.ln_vision(pooled))
+    assert feats.patch_size == 8 and not visual.training
+    with pytest.raises(ValueError, match="stages 0..4"):
+        ImageEncoder(dataclasses.replace(cfg, layer=5))
