@@ -24,7 +24,7 @@ import math
 import pickle
 import re
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -206,23 +206,40 @@ def load_official_checkpoint(uri: str, expected: Shapes,
 # ---------------------------------------------------------------------------------------------- frozen parts
 
 
+def read_safetensors_dir(directory: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors whose names ``keep`` accepts, from every ``*.safetensors`` file of a Hugging Face directory, read
+    one at a time (a BLIP-2 directory also holds its LM: reading the ViT or the queries must not load it)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no *.safetensors files (expected a Hugging Face model directory)")
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if keep(k)})
+    return out
+
+
+_HF_FROZEN = {"query_tokens": "embedding.qformer.query_tokens",
+              "vision_model.post_layernorm.weight": "encoder.ln_vision.weight",
+              "vision_model.post_layernorm.bias": "encoder.ln_vision.bias"}
+
+
 def blip2_frozen(uri: str, storage_options: storage.StorageOptions | None = None) -> dict[str, torch.Tensor]:
     """BLIP-2's frozen ``query_tokens`` and ``ln_vision`` (our keys), from LAVIS's ``blip2_pretrained_*.pth`` or a
     Hugging Face ``Blip2ForConditionalGeneration`` directory (``query_tokens``, ``vision_model.post_layernorm``)."""
-    local = storage.local_copy(uri, storage_options)
     import os
 
+    local = storage.local_copy(uri, storage_options)
     if os.path.isdir(local):
-        from dynrefer.qformer import read_blip2
-
-        hf = read_blip2(local)
-        names = {"query_tokens": "embedding.qformer.query_tokens",
-                 "vision_model.post_layernorm.weight": "encoder.ln_vision.weight",
-                 "vision_model.post_layernorm.bias": "encoder.ln_vision.bias"}
-        missing = [k for k in names if k not in hf]
+        hf = read_safetensors_dir(local, _HF_FROZEN.__contains__)
+        missing = [k for k in _HF_FROZEN if k not in hf]
         if missing:
             raise ValueError(f"{uri}: a BLIP-2 Hugging Face directory lacks {missing}")
-        return {ours: hf[k] for k, ours in names.items()}
+        return {ours: hf[k] for k, ours in _HF_FROZEN.items()}
     state = lavis_model_state(read_torch_file(uri, storage_options), uri)
     wanted = ("query_tokens", "ln_vision.weight", "ln_vision.bias")
     missing = [k for k in wanted if k not in state]
@@ -246,14 +263,10 @@ def blip2_init(uri: str, storage_options: storage.StorageOptions | None = None) 
 
     local = storage.local_copy(uri, storage_options)
     if os.path.isdir(local):
-        from dynrefer.qformer import read_blip2
-
         out = blip2_frozen(uri, storage_options)
-        for k, v in read_blip2(local).items():
-            if k.startswith("qformer."):
-                out["embedding.qformer." + k] = v
-            elif k.startswith("language_projection."):
-                out["language.proj." + k.removeprefix("language_projection.")] = v
+        for k, v in read_safetensors_dir(local, lambda k: k.startswith(("qformer.", "language_projection."))).items():
+            out["embedding.qformer." + k if k.startswith("qformer.") else
+                "language.proj." + k.removeprefix("language_projection.")] = v
         return out
     state = lavis_model_state(read_torch_file(uri, storage_options), uri)
     return convert_state_dict({k: v for k, v in state.items() if not _BLIP2_UNUSED.match(k)}, uri)
@@ -278,13 +291,53 @@ _EVA_TOP = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.pr
             "norm.weight", "norm.bias", "head.weight", "head.bias")
 
 
+_HF_VISION = [(re.compile(a + r"\Z"), b) for a, b in [
+    (r"vision_model\.embeddings\.class_embedding", "cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(qkv\.weight|qkv\.bias|q_bias|v_bias)", r"blocks.\1.attn.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+]]
+
+
+def _hf_vision_key(key: str, uri: str) -> str:
+    """transformers' Blip2VisionModel name -> the EVA/timm one (the same tensors, renamed by BLIP-2's conversion)."""
+    for pattern, target in _HF_VISION:
+        if pattern.match(key):
+            return pattern.sub(target, key)
+    raise ValueError(f"{uri}: unknown BLIP-2 vision key {key!r}")
+
+
+def read_weights(uri: str, storage_options: storage.StorageOptions | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file (:func:`read_torch_file`, the usual wrappers removed) or, for a Hugging Face
+    BLIP-2 directory, its vision tower (``vision_model.*``) alone."""
+    import os
+
+    local = storage.local_copy(uri, storage_options)
+    if os.path.isdir(local):
+        return read_safetensors_dir(local, lambda k: k.startswith("vision_model."))
+    return unwrap_state_dict(read_torch_file(uri, storage_options), uri)
+
+
 def eva_vision_state(state: Mapping[str, torch.Tensor], uri: str) -> tuple[dict[str, torch.Tensor], str]:
     """The vision tower as open_clip's ``visual.*`` keys, and the layout it came in.
 
+    A Hugging Face BLIP-2 directory's ``vision_model.*`` (39 blocks, as LAVIS builds it) is renamed back.
     LAVIS ``eva_vit_g.pth`` (bare ``blocks.N.*``) and EVA-CLIP (``visual.blocks.N.*``) name every tensor as timm's
     Eva does (``attn.qkv.weight`` with ``q_bias``/``v_bias``, ``norm1``, ``mlp.fc1``...), so the mapping is a prefix:
     ``visual.trunk.``. An open_clip checkpoint's ``visual.*`` is kept as it is.
     """
+    if "vision_model.embeddings.class_embedding" in state:
+        vision = {_hf_vision_key(k, uri): v for k, v in state.items()
+                  if k.startswith("vision_model.") and not k.startswith("vision_model.post_layernorm.")}
+        for key in [k for k in vision if k.endswith(".attn.qkv.bias")]:
+            # newer transformers fuse (q_bias, k_bias, v_bias): a key bias adds q.b_k to every logit of a query's
+            # row, which the softmax cancels, so EVA's q_bias and v_bias are all there is
+            q, _, v = vision.pop(key).chunk(3)
+            vision[key.replace("qkv.bias", "q_bias")], vision[key.replace("qkv.bias", "v_bias")] = q, v
+        return {"visual.trunk." + k: v for k, v in vision.items()}, "hf_blip2"
     if "blocks.0.norm1.weight" in state:
         layout, prefix = "lavis", ""
     elif "visual.blocks.0.norm1.weight" in state:

@@ -101,11 +101,11 @@ def encoder_checkpoint(cfg: DynReferConfig, model: torch.nn.Module, encoder: str
     complete open_clip one (and no text tower replaces its own), else a converted ``out`` file."""
     expected = {k[len("encoder.clip."):]: tuple(v.shape) for k, v in model.state_dict().items()
                 if k.startswith("encoder.clip.")}
-    source = official.unwrap_state_dict(official.read_torch_file(encoder, storage_options), encoder)
+    source = official.read_weights(encoder, storage_options)
     _, layout = official.eva_vision_state(source, encoder)
     text = None
     if text_tower:
-        text = official.unwrap_state_dict(official.read_torch_file(text_tower, storage_options), text_tower)
+        text = official.read_weights(text_tower, storage_options)
     state, filled = official.open_clip_state(source, text, expected, first_unused_block(cfg, expected),
                                              f"{encoder}{' + ' + text_tower if text_tower else ''}")
     info = {"encoder_layout": layout, "text_tower": text_tower or encoder, "placeholders": filled}
@@ -185,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
                                         "Q-former and t5_proj, DynRefer's own modules initialised), for "
                                         "`dynrefer train` with init_from")
     p.add_argument("--encoder", required=True, help="EVA ViT-g/14: LAVIS eva_vit_g.pth, an EVA-CLIP checkpoint "
-                                                    "(eva_clip_psz14.pt) or an open_clip EVA01-g-14 checkpoint")
+                                                    "(eva_clip_psz14.pt), an open_clip EVA01-g-14 checkpoint, or "
+                                                    "the BLIP-2 Hugging Face directory (its vision_model)")
     p.add_argument("--text-tower", help="the EVA-CLIP text tower: eva_clip_psz14.pt (its text.*); default: the "
                                         "encoder file's own text.*")
     p.add_argument("--blip2", required=True, help="BLIP-2 FlanT5-XL: LAVIS blip2_pretrained_flant5xl.pth or a "

@@ -33,7 +33,16 @@ C = 128  # encoder width: a multiple of 64, as the official DCNv4 kernel require
 
 def tiny_official() -> dict:
     """A small model of the official shape: every head and the Q-former with 2 layers, cross-attention in layer 0."""
-    cfg = load_config("tiny").to_dict()
+    cfg = load_config("official").to_dict()
+    cfg["image_size"] = 64
+    cfg["encoder"] = {"name": "dynrefer-official-test", "checkpoint": None, "layer": -2, "freeze": True,
+                      "model_cfg": {"embed_dim": 128, "text_cfg": {"context_length": 32, "vocab_size": 49408,
+                                                                    "width": 128, "heads": 4, "layers": 2},
+                                    "vision_cfg": {"image_size": 64, "layers": 3, "width": C, "patch_size": 8,
+                                                   "head_width": 32}}}
+    cfg["language"]["arch"] = {"model_type": "t5", "d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2,
+                               "num_decoder_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+                               "dense_act_fn": "gelu", "tie_word_embeddings": False}
     cfg["qformer"].update(num_queries=4, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
                           cross_attention_frequency=2)
     for head in ("tags", "contrastive"):
@@ -732,3 +741,58 @@ def test_without_a_checkpoint_the_export_is_blip2s_starting_point(files, tmp_pat
     with pytest.raises(ValueError, match=r"partial\.pth: .*missing keys \(1\).*layer\.1\.attention\.attention\.query"):
         convert_official.convert(None, files["encoder"], str(tmp_path / "partial.pth"), files["lm"], files["tags"],
                                  str(tmp_path / "init2"), config=files["config"])
+
+
+def test_the_vision_tower_of_a_blip2_hugging_face_directory_runs_as_the_official_encoder(files, eva_files, tmp_path):
+    """transformers' own Blip2VisionModel is the reference: its hidden state after 2 layers, through ln_vision."""
+    from safetensors.torch import save_file
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    torch.manual_seed(13)
+    hf = Blip2VisionModel(Blip2VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=14)).double().eval()
+    gen = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(random_tensor(tuple(p.shape), gen))
+    blip2 = eva_files["blip2"]
+    directory = tmp_path / "blip2-flan-t5-xl"
+    directory.mkdir()
+    save_file({**{"vision_model." + k: v.float().contiguous() for k, v in hf.state_dict().items()},
+               "query_tokens": blip2["query_tokens"], "vision_model.post_layernorm.weight": blip2["ln_vision.weight"],
+               "vision_model.post_layernorm.bias": blip2["ln_vision.bias"],
+               "language_model.lm_head.weight": torch.ones(3, 3)}, str(directory / "model.safetensors"))
+    root = eva_files["root"]
+    summary = convert_official.convert(eva_files["checkpoint"], str(directory), str(directory), files["lm"],
+                                       files["tags"], str(tmp_path / "export"),
+                                       text_tower=str(root / "eva_clip_psz14.pt"), config=eva_files["config"])
+    assert summary["encoder_layout"] == "hf_blip2"
+    model = load_pretrained(str(tmp_path / "export")).double()
+    views = torch.randint(0, 256, (2, 28, 28, 3), generator=gen, dtype=torch.uint8)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (views.permute(0, 3, 1, 2).double() / 255 - mean) / std
+    hf = hf.float().double()  # the weights as the file holds them (float32)
+    with torch.no_grad():
+        hidden = hf(pixel_values=x, output_hidden_states=True).hidden_states[2]  # (N, 5, 64)
+    tokens = layer_norm(hidden, {k: v.double() for k, v in blip2.items()}, "ln_vision", 1e-5)
+    features = model.encoder(views)
+    torch.testing.assert_close(features.cls, tokens[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.grid.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_blip2_vision_keys_of_older_transformers_give_the_same_tower():
+    """Older transformers store q_bias and v_bias apart; newer ones one fused qkv.bias (its key part unused)."""
+    c = 8
+    fused = {"vision_model.embeddings.class_embedding": torch.ones(1, 1, c),
+             "vision_model.encoder.layers.0.self_attn.qkv.bias": torch.arange(3 * c, dtype=torch.float32)}
+    apart = {"vision_model.embeddings.class_embedding": torch.ones(1, 1, c),
+             "vision_model.encoder.layers.0.self_attn.q_bias": torch.arange(c, dtype=torch.float32),
+             "vision_model.encoder.layers.0.self_attn.v_bias": torch.arange(2 * c, 3 * c, dtype=torch.float32)}
+    a, _ = official.eva_vision_state(fused, "new")
+    b, _ = official.eva_vision_state(apart, "old")
+    assert a.keys() == b.keys() == {"visual.trunk.cls_token", "visual.trunk.blocks.0.attn.q_bias",
+                                    "visual.trunk.blocks.0.attn.v_bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"old: unknown BLIP-2 vision key 'vision_model.encoder.layers.0.rope'"):
+        official.eva_vision_state({**apart, "vision_model.encoder.layers.0.rope": torch.ones(1)}, "old")
