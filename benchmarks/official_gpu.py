@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     train_s, train_peak = timed(step, args.iters, args.device)
     figures = {
         "config": "official (tiny widths)" if args.tiny else "official",
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "precision": "bf16 frozen towers + autocast" if bf16 else "fp32",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "precision": "bf16 frozen towers + autocast" if bf16 else "fp32",
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "trainable": sum(p.numel() for p in trainable), "build_s": round(build_s, 1),
         "batch_size": args.batch_size, "caption_regions_per_s": round(args.batch_size / caption_s, 2),
