@@ -379,6 +379,15 @@ def test_official_config_expects_exactly_the_released_keys(paper_meta):
     assert all(tuple(converted[k].shape) == tuple(ours[k].shape) for k in converted)
 
 
+def test_an_official_export_holds_the_checkpoint_blip2s_frozen_tensors_and_the_tag_table(paper_meta):
+    shapes = convert_official.export_shapes(paper_meta)
+    assert {k: shapes[k] for k in official.FROM_BLIP2} == {
+        "embedding.qformer.query_tokens": (1, 32, 768), "encoder.ln_vision.weight": (1408,),
+        "encoder.ln_vision.bias": (1408,)}
+    released = official.convert_state_dict({k: torch.empty(s, device="meta") for k, s in paper_official_keys().items()})
+    assert set(shapes) == set(released) | set(official.FROM_BLIP2) | {"tags.tag_embeddings"}
+
+
 def test_the_paper_config_expects_the_released_keys_too():
     with torch.device("meta"):
         model = DynRefer(load_config("paper"))
