@@ -1,10 +1,12 @@
 """The built-in synthetic region corpus, written in the Visual Genome v1.2 layout.
 
 No real corpus can be downloaded, so the default data is generated. It is built so that DynRefer's claims
-can be tested on it: every object has a fine surface pattern whose period is a few pixels, so a small object's
-pattern is legible only in a zoomed-in view (t near 0) and blurs away when the whole image is shrunk to the
-encoder's 64-224 px; every caption may name a spatial relation to a neighbour, which needs context (larger t).
-The pattern is mean-preserving, so a shrunk image shows each object's colour but nothing of its pattern.
+can be tested on it, and so that every word a caption states can be seen in some view: each object's surface
+pattern has a period that scales with the object (about 6-8 periods across it, never under 4 px), so the region's
+own view (t=0) shows it at any encoder size from 64 px up, while the whole image shrunk to the encoder's 64-224 px
+blurs away the pattern of all but the largest objects; shapes are drawn large enough to tell apart at t=0. Every
+caption may name a spatial relation to a neighbour, and a size relative to the image, which need context (larger
+t). The pattern is mean-preserving, so a shrunk image shows each object's colour but nothing of its pattern.
 
 Everything is deterministic: image ``i`` of seed ``s`` draws from its own random streams seeded by ``(s, i)``,
 so any image can be regenerated alone, generation runs in parallel, and an interrupted run resumes.
@@ -44,7 +46,7 @@ from dynrefer import storage
 from dynrefer.storage import StorageOptions
 
 #: Bumped whenever the same seed would give different bytes; a resumed run refuses to mix versions.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart",
                            "ring", "pentagon", "arrow", "crescent")
@@ -79,7 +81,11 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
 _MIN_SIDE, _MAX_SIDE = 320, 1024  # image width and height, drawn independently
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 15
 _MIN_OBJECT_PX = 14  # an object's smallest box side before rotation: room for about three pattern periods
-_PERIODS = (4, 5, 6)  # pattern periods in pixels: below the Nyquist limit of a 1000 px image shrunk to 224 px
+#: Pattern periods across an object (its period is sqrt(box area) / n): in the region's own view at 64 px a period
+#: is 8-11 px, while in the whole image shrunk to 64 px it falls under the 2 px Nyquist limit for all but large
+#: objects.
+_PERIODS_ACROSS = (6, 7, 8)
+_MIN_PERIOD_PX = 4  # the finest period drawn: tiny objects get fewer periods, each still 4 px or more
 _PATTERN_AMPLITUDE = 90.0  # largest per-channel swing of a pattern around the object's colour
 #: Ranges of sqrt(box area / image area) an object is drawn with, per target size, and how often each is drawn.
 _SIZE_RANGES = ((0.03, 0.065), (0.085, 0.14), (0.165, 0.27), (0.31, 0.42))
@@ -181,8 +187,9 @@ def _pattern_signal(pattern: str, height: int, width: int, period: int, variant:
         wave = np.abs((along % (2 * period)) - period)
         return ((across + wave) // half) % 2 == 1
     if pattern == "speckled":
-        blocks = rng.random(((height + 1) // 2, (width + 1) // 2)) < 0.35
-        return np.repeat(np.repeat(blocks, 2, axis=0), 2, axis=1)[:height, :width]
+        cell = max(2, half)
+        blocks = rng.random((-(-height // cell), -(-width // cell))) < 0.35
+        return np.repeat(np.repeat(blocks, cell, axis=0), cell, axis=1)[:height, :width]
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -359,10 +366,10 @@ def _layout(rng: np.random.Generator) -> _Scene:
         target = int(rng.choice(len(SIZES), p=_SIZE_WEIGHTS))
         wanted.append((target, float(rng.random()), SHAPES[int(rng.integers(len(SHAPES)))],
                        colours[int(rng.integers(len(colours)))], PATTERNS[int(rng.integers(len(PATTERNS)))],
-                       int(rng.choice(_PERIODS)), int(rng.integers(4))))
+                       int(rng.choice(_PERIODS_ACROSS)), int(rng.integers(4))))
     wanted.sort(key=lambda o: -(o[0] + o[1]))  # largest first: small ones land on top and stay whole
     scale = math.sqrt(width * height)
-    for target, u, shape, colour, pattern, period, variant in wanted:
+    for target, u, shape, colour, pattern, across, variant in wanted:
         for size_class in range(target, -1, -1):
             lo, hi = _SIZE_RANGES[size_class]
             side = (lo + u * (hi - lo)) * scale
@@ -379,6 +386,7 @@ def _layout(rng: np.random.Generator) -> _Scene:
         else:
             continue
         x, y = at
+        period = max(_MIN_PERIOD_PX, round(math.sqrt(w * h) / across))
         window = scene.labels[y:y + mask.shape[0], x:x + mask.shape[1]]
         for k, p in enumerate(scene.placed):
             p.visible -= int((window[mask] == k + 1).sum())
