@@ -83,6 +83,7 @@ class CaptionJob:
     actors: int = 1  # model replicas
     gpus_per_actor: float = 0.0  # 0: CPU actors
     cpus_per_actor: float = 1.0
+    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each model replica needs
     proposers: int = 1  # proposal model replicas
     gpus_per_proposer: float = 0.0
     cpus_per_proposer: float = 1.0
@@ -621,7 +622,8 @@ def run(job: CaptionJob, progress: bool = True) -> dict[str, Any]:
                             num_cpus=job.cpus_per_input_worker)
         ds = ds.map_batches(CaptionModel, fn_constructor_kwargs={"job": spec}, batch_size=job.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=job.actors), num_cpus=job.cpus_per_actor,
-                            num_gpus=job.gpus_per_actor)
+                            num_gpus=job.gpus_per_actor, **({"resources": dict(job.actor_resources)}
+                                                            if job.actor_resources else {}))
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         with tqdm(unit="region", desc="caption", disable=not progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -714,6 +716,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="model replicas")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs each model replica reserves")
+    p.add_argument("--actor-resources", type=json.loads, default={}, metavar="JSON",
+                   help='custom Ray resources each model replica needs, e.g. \'{"a100": 1}\' to pin the replicas '
+                        'to nodes started with `ray start --resources`')
     p.add_argument("--input-workers", type=int, default=1,
                    help="CPU actors decoding images and cutting views (keep the model replicas fed)")
     p.add_argument("--cpus-per-input-worker", type=float, default=1.0)
@@ -735,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_regions=args.max_regions, images_per_shard=args.images_per_shard, out=args.out,
                      split=args.split, views=args.views, batch_size=args.batch_size, actors=args.actors,
                      gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-                     input_workers=args.input_workers, cpus_per_input_worker=args.cpus_per_input_worker,
+                     actor_resources=args.actor_resources, input_workers=args.input_workers, cpus_per_input_worker=args.cpus_per_input_worker,
                      proposers=args.proposers, gpus_per_proposer=args.gpus_per_proposer,
                      cpus_per_proposer=args.cpus_per_proposer, format=args.format,
                      storage_options=storage_options_from_args(args))

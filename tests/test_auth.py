@@ -148,3 +148,28 @@ def test_secure_ray_env_keeps_a_given_token_and_an_explicit_opt_out(tmp_path):
     assert secure_ray_env(forced, force=True) and forced["RAY_AUTH_MODE"] == "token"
     only_env = {"RAY_AUTH_TOKEN": "x" * 32}
     assert secure_ray_env(only_env) is None and "RAY_AUTH_TOKEN_PATH" not in only_env
+
+
+def test_every_shipped_cluster_runs_with_token_auth():
+    """KubeRay manifests ask the operator for token auth; the launcher starts every node with the token it mounts;
+    the Makefile exports token mode and a token inside the project's cache."""
+    import yaml
+
+    kuberay = os.path.join(REPO, "cluster", "kuberay")
+    for name in sorted(os.listdir(kuberay)):
+        with open(os.path.join(kuberay, name)) as f:
+            spec = yaml.safe_load(f)["spec"]
+        cluster = spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+        assert cluster.get("authOptions") == {"mode": "token"}, name
+    with open(os.path.join(REPO, "cluster", "ray-cluster.aws.yaml")) as f:
+        launcher = yaml.safe_load(f)
+    token = [remote for remote, local in launcher["file_mounts"].items() if local == ".cache/ray/auth_token"]
+    assert len(token) == 1
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in launcher[key] if "ray start" in c]
+        assert start and all(f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token[0]};" in c for c in start), key
+    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
+    with open(os.path.join(REPO, "Makefile")) as f:
+        makefile = f.read()
+    assert "export RAY_AUTH_MODE ?= token\n" in makefile and \
+        "export RAY_AUTH_TOKEN_PATH ?= $(CURDIR)/.cache/ray/auth_token\n" in makefile

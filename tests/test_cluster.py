@@ -195,7 +195,8 @@ def test_api_version_and_kind_must_match_a_served_crd() -> None:
     with pytest.raises(AssertionError, match="not a served version"):
         schema_errors({**m, "apiVersion": "ray.io/v2"})
     # v1alpha1 is served too, but lacks fields the job uses: the version the manifest names is the one checked.
-    assert schema_errors({**m, "apiVersion": "ray.io/v1alpha1"}) == [
+    assert sorted(schema_errors({**m, "apiVersion": "ray.io/v1alpha1"})) == [
+        "spec/rayClusterSpec: Additional properties are not allowed ('authOptions' was unexpected)",
         "spec: Additional properties are not allowed ('backoffLimit', 'submissionMode' were unexpected)"]
 
 
@@ -336,8 +337,10 @@ def test_launcher_passes_rays_validation() -> None:
 
 def test_launcher_installs_the_mounted_repository_with_the_pinned_torch_first() -> None:
     config = prepared_launcher(load_yaml(LAUNCHER))
-    (remote, local), = config["file_mounts"].items()
+    mounts = config["file_mounts"]  # the repository, and the cluster's Ray auth token
+    (remote, local), = [(r, m) for r, m in mounts.items() if not m.endswith("auth_token")]
     assert os.path.realpath(os.path.join(REPO, local)) == REPO  # `ray up` runs from the repository root
+    assert list(mounts.values()).count(".cache/ray/auth_token") == 1 and len(mounts) == 2
     commands = config["setup_commands"]
     assert commands == [f"pip install -q {' '.join(makefile_torch_pins())}", f"pip install -q {remote}"]
     for path in (".venv", ".git"):
