@@ -178,6 +178,9 @@ def main() -> None:
         preprocess_image(r, storage.read_bytes(r["file"]), cfg)
     loop_rate = n_regions / (time.perf_counter() - t)
 
+    from pipelines.args import secure_ray_env
+
+    secure_ray_env()  # token auth, the token in the project's cache
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     job = PrepareJob(dataset="vg", root=small, out=os.path.join(work, "out-small"), images_per_shard=16, prepare=cfg)
     run(job, progress=False)  # warm-up: actor start-up and imports
