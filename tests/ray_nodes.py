@@ -69,12 +69,27 @@ class RayNodes:
                                 timeout, "the head's address", self.procs[-1])
         return self.address
 
-    def worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
-        """Start another raylet joining the head, with its own temp dir and ``resources``."""
+    def worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None, timeout: float = 120) -> None:
+        """Start another raylet joining the head, with its own temp dir and ``resources``; returns once the GCS
+        lists it alive."""
         assert self.address, "start the head first"
+        before = len(self.alive_nodes())
         self._start(["--address", self.address, "--num-cpus", str(num_cpus),
                      "--dashboard-agent-listen-port", str(free_port()),
                      "--resources", json.dumps(resources or {})])
+        wait_for(lambda: len(self.alive_nodes()) > before, timeout, "the new node in the GCS", self.procs[-1])
+
+    def alive_nodes(self) -> list[Any]:
+        """The GCS's alive nodes, asked over gRPC with the cluster's token."""
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        with open(self.env["RAY_AUTH_TOKEN_PATH"]) as f:
+            token = f.read().strip()
+        with grpc.insecure_channel(self.address) as channel:
+            reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=20)
+        return [n for n in reply.node_info_list if n.state == n.ALIVE]
 
     def stop(self) -> list[psutil.Process]:
         """Stop every node (the head last); returns processes that outlived SIGKILL (none, normally)."""
