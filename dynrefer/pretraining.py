@@ -8,12 +8,20 @@ loads like any other.
 
 Identical captions in one batch would be false negatives of the contrastive loss; every batch is reduced to
 distinct captions first (:func:`distinct_captions`), across all ranks when the loss gathers their features.
+
+Web captions teach a real CLIP single words and short phrases as well as sentences. With :class:`TextFacets`, a
+step's texts are sometimes the captions, sometimes short phrases naming only some facets of each region
+("the star", "the red star", "the striped"), the same facets for the whole batch (:func:`step_texts`): once
+repeated phrases are removed, every other text of the batch differs from a region's own in a facet it names, so
+there are no false negatives, and a phrase naming only the shape makes the step a lesson in shapes alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import open_clip
@@ -37,19 +45,84 @@ def caption_key(text: str) -> str:
 
 def distinct_captions(per_rank: Sequence[Sequence[str]], rank: int) -> list[int]:
     """Indices of the samples ``rank`` keeps so that no caption repeats across all ranks' batches, and every rank
-    keeps the same number (the loss gathers equal-sized batches): the first sighting of a caption in rank order
-    wins, then each rank's list is cut to the shortest one."""
+    keeps the same number (the loss gathers equal-sized batches). The ranks take turns, each keeping its next
+    caption not yet kept by any, until one runs out; so a batch of few distinct texts (short phrases) is shared
+    out evenly instead of going mostly to the first rank."""
     seen: set[str] = set()
-    kept: list[list[int]] = []
-    for captions in per_rank:
-        mine = []
-        for i, caption in enumerate(captions):
-            key = caption_key(caption)
-            if key not in seen:
-                seen.add(key)
-                mine.append(i)
-        kept.append(mine)
-    return kept[rank][:min(len(k) for k in kept)]
+    kept: list[list[int]] = [[] for _ in per_rank]
+    position = [0] * len(per_rank)
+    while True:
+        for r, captions in enumerate(per_rank):
+            while position[r] < len(captions) and caption_key(captions[position[r]]) in seen:
+                position[r] += 1
+            if position[r] == len(captions):
+                return kept[rank][:min(len(k) for k in kept)]
+            seen.add(caption_key(captions[position[r]]))
+            kept[r].append(position[r])
+            position[r] += 1
+
+
+@dataclass(frozen=True)
+class TextFacets:
+    """How to read facets off a caption: per facet, the words that state it and the answer each states
+    (``{"pattern": {"stripes": "striped", ...}}``); the order facets are written in; and the words that end a
+    caption's own subject (a relation to another object, whose words are not the region's)."""
+
+    words: Mapping[str, Mapping[str, str]]
+    order: tuple[str, ...]
+    stop_words: frozenset[str] = frozenset()
+
+    def subsets(self) -> list[tuple[str, ...]]:
+        """Every non-empty set of facets, in writing order."""
+        return [c for n in range(1, len(self.order) + 1) for c in itertools.combinations(self.order, n)]
+
+
+def synthetic_text_facets() -> TextFacets:
+    """The built-in corpus's visible facets: colour, pattern (its adjective or noun) and shape. Size is left out:
+    it is relative to the whole image, which the t=0 crop does not show."""
+    from dynrefer import synth
+
+    pattern = {p: p for p in synth.PATTERNS} | {noun: p for p, noun in synth.PATTERN_NOUNS.items()}
+    stop = {phrase.split()[0] for phrases in synth.RELATION_PHRASES.values() for phrase in phrases}
+    return TextFacets(words={"colour": {c: c for c in synth.COLOURS}, "pattern": pattern,
+                             "shape": {s: s for s in synth.SHAPES}},
+                      order=("colour", "pattern", "shape"), stop_words=frozenset(stop))
+
+
+def caption_facets(caption: str, facets: TextFacets) -> dict[str, str]:
+    """The answer a caption's subject (its words up to the first stop word) gives to each facet, where it gives
+    one: the first word of that facet's vocabulary."""
+    words = caption.lower().split()
+    end = next((i for i, w in enumerate(words) if i > 0 and w in facets.stop_words), len(words))
+    out: dict[str, str] = {}
+    for name in facets.order:
+        vocabulary = facets.words[name]
+        hit = next((vocabulary[w] for w in words[:end] if w in vocabulary), None)
+        if hit is not None:
+            out[name] = hit
+    return out
+
+
+def facet_text(values: Mapping[str, str], chosen: Sequence[str], order: Sequence[str]) -> str | None:
+    """A short phrase naming the chosen facets ("the red star"); None when the region has no answer for one."""
+    if any(f not in values for f in chosen):
+        return None
+    return "the " + " ".join(values[f] for f in order if f in chosen)
+
+
+def step_texts(captions: Sequence[str], facets: TextFacets | None, full_caption: float,
+               rng: np.random.Generator, weights: Sequence[float] | None = None) -> list[str]:
+    """The texts one step pairs with its regions: with probability ``full_caption`` (or without facets) the
+    captions; otherwise short phrases of one set of facets drawn for the whole step (from
+    :meth:`TextFacets.subsets`, by ``weights`` or uniformly). A region whose caption misses a chosen facet keeps its
+    caption. Every rank must pass a generator in the same state, so that all draw the same facets."""
+    if facets is None or rng.random() < full_caption:
+        return list(captions)
+    subsets = facets.subsets()
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    chosen = subsets[int(rng.choice(len(subsets), p=p))]
+    texts = [facet_text(caption_facets(c, facets), chosen, facets.order) for c in captions]
+    return [t if t is not None else c for t, c in zip(texts, captions)]
 
 
 def pick_crops(views: np.ndarray, larger: float, rng: np.random.Generator) -> np.ndarray:

@@ -51,6 +51,40 @@ class AugmentSection:
 
 
 @dataclass
+class TextSection:
+    """What the texts say. With ``facets`` (``synthetic``: the built-in corpus's colour, pattern and shape), a step
+    pairs its regions with short phrases naming one drawn set of facets ("the red star"), except for a share
+    ``full_caption`` of steps, which use the captions; ``weights`` weighs the sets of facets (in
+    ``TextFacets.subsets`` order; null: uniform). Without facets every text is the caption."""
+
+    facets: str | None = None
+    full_caption: float = 0.25
+    weights: list[float] | None = None
+
+    def resolved(self) -> Any:
+        """The :class:`dynrefer.pretraining.TextFacets`, or None."""
+        from dynrefer.pretraining import synthetic_text_facets
+
+        if self.facets is None:
+            return None
+        if self.facets == "synthetic":
+            return synthetic_text_facets()
+        raise ValueError(f"text.facets: 'synthetic' or null, got {self.facets!r}")
+
+
+@dataclass
+class ProbeSection:
+    """Linear probes of the encoder (``dynrefer.probe``): a logistic regression per facet (``synthetic``: shape,
+    colour, pattern and size from the rows' category and attributes; or a mapping facet -> vocabulary, null for
+    the category) fitted on the t=0 crops of ``max_train`` train regions and scored on the held-out slice of
+    ``eval``. ``every``: steps between probes (0: only at the end; -1 or no facets: never)."""
+
+    facets: Any = None
+    every: int = 0
+    max_train: int = 2048
+
+
+@dataclass
 class PretrainJob(RayTrainJob):
     """Everything a pre-training run needs; a YAML file under configs/pretrain/ gives these keys. ``model`` and
     ``model_overrides`` name the DynRefer model whose encoder is trained (its ``encoder.checkpoint``, if any, is
@@ -59,6 +93,8 @@ class PretrainJob(RayTrainJob):
     EXPORT_NAME: ClassVar[str] = "clip.safetensors"
 
     augment: AugmentSection = field(default_factory=AugmentSection)
+    text: TextSection = field(default_factory=TextSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
     eval: EvalSection = field(default_factory=lambda: EvalSection(every=0, max_regions=512, batch_size=128))
     name: str = "pretrain"
 
@@ -68,6 +104,20 @@ class PretrainJob(RayTrainJob):
             raise ValueError(f"augment.larger is a probability, got {self.augment.larger}")
         if self.augment.larger > 0 and not self.augment.candidate_ts:
             raise ValueError("augment.candidate_ts: give the t of the larger views (or set augment.larger: 0)")
+        if not 0.0 <= self.text.full_caption <= 1.0:
+            raise ValueError(f"text.full_caption is a probability, got {self.text.full_caption}")
+        facets = self.text.resolved()
+        if facets is not None and self.text.weights is not None and (
+                len(self.text.weights) != len(facets.subsets()) or min(self.text.weights) < 0
+                or sum(self.text.weights) <= 0):
+            raise ValueError(f"text.weights: one non-negative weight per set of facets ({len(facets.subsets())}: "
+                             f"{facets.subsets()}), got {self.text.weights}")
+        if self.probe.facets is not None:
+            from dynrefer.probe import parse_facets
+
+            parse_facets(self.probe.facets)
+            if self.probe.max_train < 2:
+                raise ValueError(f"probe.max_train: at least 2 regions to fit on, got {self.probe.max_train}")
         if self.export and not self.export.endswith(CHECKPOINT_SUFFIXES):
             raise ValueError(f"export {self.export!r}: an open_clip checkpoint name ends with one of "
                              f"{CHECKPOINT_SUFFIXES}")
@@ -84,6 +134,18 @@ def stage_settings(job: PretrainJob, size: int, prepared_size: int | None) -> tu
                           prepared_size=prepared_size, storage_options=job.storage_options or None)
     t0 = ViewConfig(num_views=1, candidate_ts=[], fixed_ts=[0.0])
     return train, dataclasses.replace(train, views=dataclasses.asdict(t0), mode="fixed")
+
+
+def region_labels(job: PretrainJob, storage_options: storage.StorageOptions | None) -> dict[str, dict[str, str]]:
+    """Each train and held-out region's answers to the probe's facets, by region id (from the rows' category and
+    attributes)."""
+    from dynrefer.probe import facet_labels, parse_facets
+
+    facets = parse_facets(job.probe.facets)
+    table = region_table(job.data.prepared, storage_options, ["region_id", "split", "category", "attributes"])
+    splits = {job.data.train_split, job.data.val_split}
+    return {str(r["region_id"]): facet_labels(r["category"], r["attributes"], facets)
+            for r in table.to_pylist() if r["split"] in splits}
 
 
 def run(job: PretrainJob) -> dict[str, Any]:
@@ -105,12 +167,17 @@ def run(job: PretrainJob) -> dict[str, Any]:
     data = {"train": view_dataset(job.data, job.data.train_split, train, job.seed, so)}
     if with_val:
         data["val"] = view_dataset(job.data, job.data.val_split, val, job.seed, so, limit=job.eval.max_regions)
+    probe_labels = None
+    if with_val and job.probe.facets is not None and job.probe.every >= 0:
+        data["probe"] = view_dataset(job.data, job.data.train_split, val, job.seed, so, limit=job.probe.max_train)
+        probe_labels = region_labels(job, so)
     per_step = job.batch_size * job.grad_accum * job.workers.num
     train_regions = splits[job.data.train_split]
     log.info("%d train regions (%.1f epochs of %d steps of at most %d regions), encoder %s", train_regions,
              job.max_steps * per_step / train_regions, job.max_steps, per_step, cfg.encoder.name)
     trainer = TorchTrainer(
-        pretrain_loop, train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val},
+        pretrain_loop, train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val,
+                                          "probe_labels": probe_labels},
         datasets=data, dataset_config=data_config(job.data), **trainer_settings(job),
     )
     result = trainer.fit()
@@ -133,21 +200,24 @@ def pretrainer_state(model: Any) -> dict[str, Any]:
     return model.state_dict()
 
 
-def distinct_batch(inputs: ModelInputs, larger: float, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """One crop per region, reduced to captions that are distinct across every rank's batch (equal sizes)."""
+def distinct_batch(inputs: ModelInputs, larger: float, rng: np.random.Generator, texts: list[str] | None = None
+                   ) -> tuple[np.ndarray, list[str]]:
+    """One crop per region and its text (default: its caption), reduced to texts that are distinct across every
+    rank's batch (equal sizes)."""
     import torch.distributed as dist
 
     from dynrefer.pretraining import distinct_captions, pick_crops
 
-    per_rank: list[Any] = [inputs.captions]
+    texts = list(inputs.captions) if texts is None else texts
+    per_rank: list[Any] = [texts]
     rank = 0
     if dist.is_initialized() and dist.get_world_size() > 1:
         per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, inputs.captions)
+        dist.all_gather_object(per_rank, texts)
         rank = dist.get_rank()
     keep = distinct_captions(per_rank, rank)
     crops = pick_crops(inputs.region_views(), larger, rng)[keep]
-    return crops, [inputs.captions[i] for i in keep]
+    return crops, [texts[i] for i in keep]
 
 
 def heldout_retrieval(model: Any, shard: Any, batch_size: int, device: Any) -> dict[str, float] | None:
@@ -175,6 +245,40 @@ def heldout_retrieval(model: Any, shard: Any, batch_size: int, device: Any) -> d
                             [c for p in parts for c in p[2]])
 
 
+def gathered_embeddings(model: Any, shard: Any, batch_size: int, device: Any) -> tuple[np.ndarray, list[str]] | None:
+    """The image embeddings (t=0 crops) and region ids of a whole dataset: each rank embeds its part, rank 0 gets
+    them all (others None)."""
+    import torch
+    import torch.distributed as dist
+
+    features, ids = [], []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        inputs = ModelInputs.from_columns(batch)
+        crops = torch.from_numpy(np.require(inputs.region_views()[:, 0], requirements="W")).to(device)
+        features.append(model.embed(crops, inputs.captions)[0].cpu().numpy())
+        ids += inputs.region_ids
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (np.concatenate(features) if features else None, ids))
+    if dist.get_rank() != 0:
+        return None
+    parts = [p for p in parts if p[1]]
+    return np.concatenate([p[0] for p in parts]), [i for p in parts for i in p[1]]
+
+
+def heldout_probe(model: Any, train_shard: Any, val_shard: Any, labels: dict[str, dict[str, str]], facets: list[str],
+                  batch_size: int, device: Any) -> dict[str, float] | None:
+    """Linear-probe accuracy per facet of the image embedding: fitted on the train slice, scored on the held-out
+    one (rank 0; others None)."""
+    from dynrefer.probe import probe_scores
+
+    train = gathered_embeddings(model, train_shard, batch_size, device)
+    val = gathered_embeddings(model, val_shard, batch_size, device)
+    if train is None or val is None:
+        return None
+    return probe_scores(train[0], [labels.get(i, {}) for i in train[1]], val[0], [labels.get(i, {}) for i in val[1]],
+                        facets)
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
@@ -183,7 +287,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     import torch
 
     from dynrefer.config import DynReferConfig
-    from dynrefer.pretraining import ContrastivePretrainer, save_clip
+    from dynrefer.pretraining import ContrastivePretrainer, save_clip, step_texts
+    from dynrefer.probe import parse_facets
 
     setup_logging()
     job = PretrainJob.from_dict(config["job"])
@@ -209,29 +314,43 @@ def pretrain_loop(config: dict[str, Any]) -> None:
 
         writer = SummaryWriter(job.log_dir, purge_step=state.step + 1, flush_secs=10)
     val = ray.train.get_dataset_shard("val") if config["with_val"] else None
+    labels = config.get("probe_labels")
+    probe_train = ray.train.get_dataset_shard("probe") if labels is not None else None
+    facets = list(parse_facets(job.probe.facets)) if labels is not None else []
+    text_facets = job.text.resolved()
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int, probe: bool = False) -> dict[str, float]:
         scores = heldout_retrieval(stepper.module, val, job.eval.batch_size, device)
+        accuracy = (heldout_probe(stepper.module, probe_train, val, labels, facets, job.eval.batch_size, device)
+                    if probe else None)
         if scores is None:
             return {}
         if writer is not None:
             for key, value in scores.items():
                 writer.add_scalar(f"val/{key}", value, step)
+            for key, value in (accuracy or {}).items():
+                writer.add_scalar(f"val/probe_{key}", value, step)
         log.info("step %d: held-out retrieval %s", step, {k: round(v, 4) for k, v in scores.items()})
-        return {f"val_{k}": v for k, v in scores.items()}
+        if accuracy is not None:
+            log.info("step %d: held-out linear probe accuracy %s", step, {k: round(v, 4) for k, v in accuracy.items()})
+        probe_metrics = {f"val_probe_{k}": v for k, v in (accuracy or {}).items()}
+        return {**{f"val_{k}": v for k, v in scores.items()}, **probe_metrics}
 
     if val is not None and state.step == 0:
-        ray.train.report({"step": 0, **evaluate(0)})
+        ray.train.report({"step": 0, **evaluate(0, probe=probe_train is not None and job.probe.every > 0)})
     batches: Iterator[ModelInputs] = iter(())
     if state.step < job.max_steps:
         batches = train_batches(ray.train.get_dataset_shard("train"), job, rank)
     window: list[dict[str, float]] = []
     micro: list[dict[str, float]] = []
     kept: list[int] = []  # distinct captions per micro-batch
-    last_eval = last_checkpoint = state.step
+    last_eval = last_probe = last_checkpoint = state.step
     step_start = time.perf_counter()
     for inputs in batches:
-        crops, captions = distinct_batch(inputs, job.augment.larger, rng)
+        # The same generator state on every rank: all ranks write the same facets this step.
+        texts = step_texts(inputs.captions, text_facets, job.text.full_caption,
+                           np.random.default_rng([job.seed, 1, state.step, len(micro)]), job.text.weights)
+        crops, captions = distinct_batch(inputs, job.augment.larger, rng, texts)
         losses, stepped = stepper.train_step((crops, captions), device)
         micro.append({k: float(v) for k, v in losses.items()})
         kept.append(len(captions))
@@ -253,8 +372,11 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         final = state.step >= job.max_steps
         report: dict[str, Any] = {}
         if val is not None and ((job.eval.every > 0 and state.step - last_eval >= job.eval.every) or final):
-            report.update(evaluate(state.step))
+            probe = probe_train is not None and (final or (job.probe.every > 0
+                                                           and state.step - last_probe >= job.probe.every))
+            report.update(evaluate(state.step, probe))
             last_eval = state.step
+            last_probe = state.step if probe else last_probe
         save = state.step - last_checkpoint >= job.checkpoint_every or final
         if state.step % job.log_every == 0 or save:
             report.update({k: float(np.mean([m[k] for m in window])) for k in window[-1]})

@@ -17,9 +17,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from dynrefer import storage  # noqa: E402
 from dynrefer.config import load_config  # noqa: E402
-from dynrefer.pretraining import (ContrastivePretrainer, caption_key, distinct_captions, pick_crops,  # noqa: E402
-                                  retrieval_scores, save_clip)
-from pipelines.pretrain import AugmentSection, PretrainJob, stage_settings  # noqa: E402
+from dynrefer.pretraining import (ContrastivePretrainer, caption_facets, caption_key, distinct_captions,  # noqa: E402
+                                  facet_text, pick_crops, retrieval_scores, save_clip, step_texts,
+                                  synthetic_text_facets)
+from pipelines.pretrain import AugmentSection, PretrainJob, ProbeSection, TextSection, stage_settings  # noqa: E402
 from pipelines.train import (EvalSection, OptimizerSection, PreparedData, ScheduleSection, TrainJob,  # noqa: E402
                              WorkerSection)
 
@@ -34,10 +35,55 @@ def test_distinct_captions_across_ranks_are_unique_and_equal_sized():
     per_rank = [["A red  circle", "a blue square", "a red circle", "a green star"],
                 ["a blue square", "a pink heart", "a cyan ring", "a pink heart"]]
     keep = [distinct_captions(per_rank, r) for r in (0, 1)]
-    assert keep == [[0, 1], [1, 2]]  # rank 0 keeps 0, 1, 3 first; rank 1 keeps 1, 2; both cut to two
+    assert keep == [[0, 3], [0, 1]]  # turns: r0 red circle, r1 blue square, r0 green star, r1 pink heart, r0 out
     kept = [caption_key(per_rank[r][i]) for r in (0, 1) for i in keep[r]]
     assert len(set(kept)) == len(kept) == 4
     assert distinct_captions([["x", "X", "y"]], 0) == [0, 2]
+    # Few distinct texts (short phrases) are shared out evenly, not all kept by the first rank.
+    shapes = [["the star", "the ring", "the heart", "the cross"]] * 2
+    assert [len(distinct_captions(shapes, r)) for r in (0, 1)] == [2, 2]
+    assert {shapes[r][i] for r in (0, 1) for i in distinct_captions(shapes, r)} == set(shapes[0])
+
+
+def test_caption_facets_read_the_subject_only():
+    facets = synthetic_text_facets()
+    assert caption_facets("a small red star with stripes left of the green cross", facets) == \
+        {"colour": "red", "pattern": "striped", "shape": "star"}  # not the neighbour's green cross
+    assert caption_facets("the dotted pink heart beside a black ring", facets) == \
+        {"colour": "pink", "pattern": "dotted", "shape": "heart"}
+    assert caption_facets("a man in a hat", facets) == {}
+    assert facet_text({"colour": "red", "shape": "star"}, ("shape", "colour"), facets.order) == "the red star"
+    assert facet_text({"colour": "red"}, ("shape",), facets.order) is None
+    assert len(facets.subsets()) == 7 and facets.subsets()[-1] == ("colour", "pattern", "shape")
+
+
+def test_step_texts_name_one_set_of_facets_per_step_without_false_negatives():
+    from dynrefer import synth
+
+    captions = [o["caption"] for i in range(1, 9) for o in synth.render_scene(0, i)[1]]
+    facets = synthetic_text_facets()
+    values = [caption_facets(c, facets) for c in captions]
+    steps = [step_texts(captions, facets, 0.25, np.random.default_rng([0, s])) for s in range(60)]
+    full = [texts == captions for texts in steps]
+    assert 5 <= sum(full) <= 25  # about a quarter of the steps keep the captions
+    words = set()
+    for texts in (t for t, f in zip(steps, full) if not f):
+        named = {len(t.split()) for t in texts}
+        assert len(named) == 1 and all(t.startswith("the ") for t in texts)  # one set of facets for the whole step
+        keep = distinct_captions([texts], 0)
+        for i in keep:  # every other kept text differs from region i's own in a facet that text names
+            for j in keep:
+                if i != j:
+                    assert texts[j] != facet_text(values[i], [f for f in facets.order
+                                                              if values[j][f] in texts[j].split()], facets.order)
+        words |= {w for t in texts for w in t.split()[1:]}
+    assert words & set(synth.SHAPES) and words & set(synth.COLOURS) and words & set(synth.PATTERNS)
+    # The same generator state draws the same texts (every rank must), and no facets means captions.
+    assert step_texts(captions, facets, 0.25, np.random.default_rng(7)) == \
+        step_texts(captions, facets, 0.25, np.random.default_rng(7))
+    assert step_texts(captions, None, 0.0, np.random.default_rng(0)) == captions
+    # A caption without the chosen facets keeps itself.
+    assert step_texts(["a man in a hat"], facets, 0.0, np.random.default_rng(0)) == ["a man in a hat"]
 
 
 def test_pick_crops_takes_t0_or_the_larger_view():
@@ -125,6 +171,13 @@ def test_configs_wire_pretraining_into_training(tmp_path):
         PretrainJob(data=PreparedData(prepared=["x"]), augment=AugmentSection(larger=2.0)).validate()
     with pytest.raises(ValueError, match="ends with"):
         PretrainJob(data=PreparedData(prepared=["x"]), export="clip.ckpt").validate()
+    assert job.text.resolved() is not None and job.probe.facets == "synthetic"
+    with pytest.raises(ValueError, match="one non-negative weight per set"):
+        PretrainJob(data=PreparedData(prepared=["x"]), text=TextSection(facets="synthetic", weights=[1.0])).validate()
+    with pytest.raises(ValueError, match="text.facets"):
+        PretrainJob(data=PreparedData(prepared=["x"]), text=TextSection(facets="web")).validate()
+    with pytest.raises(ValueError, match="probe facets"):
+        PretrainJob(data=PreparedData(prepared=["x"]), probe=ProbeSection(facets="colours")).validate()
     train_stage, val_stage = stage_settings(job, 64, 64)
     assert (train_stage.mode, train_stage.views["num_views"], train_stage.views["candidate_ts"]) == \
         ("train", 2, [0.1, 0.2, 0.3])
@@ -203,7 +256,11 @@ def test_pretrained_clip_retrieves_heldout_captions_resumes_and_loads_frozen(ray
     so = s3_server["storage_options"]
     storage.filesystem("s3://pretrained", so)[0].mkdir("pretrained")
     again = run(dataclasses.replace(job, max_steps=44, eval=EvalSection(every=0, max_regions=1000, batch_size=64),
+                                    probe=ProbeSection(facets="synthetic", max_train=400),
                                     export="s3://pretrained/tiny/clip.safetensors", storage_options=so))
+    # The linear probe of the final encoder is in the last report, one accuracy per facet.
+    assert {f"val_probe_{f}" for f in ("shape", "colour", "pattern", "size")} <= set(again["metrics"])
+    assert again["metrics"]["val_probe_colour"] > 0.5  # colour is linearly legible even early
     state = storage.read_json(storage.join(again["checkpoint"], "train_state.json"))
     assert state["step"] == 44 and state["resumed_from"][-1] == 40 and state["mode"] == "ddp"
     # The run's own held-out score is the one its exported checkpoint gives here, on the same regions.
