@@ -1,8 +1,10 @@
 """Ray Data stage: decode every image once, compute each region's candidate views and pHASH codes, write Parquet.
 
-The corpus is cut into shards of ``images_per_shard`` images; each shard is one Ray Data row processed by a CPU
-task, which writes ``regions/shard-NNNNN.parquet`` and ``errors/shard-NNNNN.parquet`` atomically. A rerun after
-a kill skips the shards already written. Bad input becomes error rows; input regions = rows + error rows.
+The corpus is cut into shards of ``images_per_shard`` images as the annotations are streamed; each shard still to
+do is written to ``plan/shard-NNNNN.json.gz`` and is one Ray Data row (its URI) processed by a CPU actor, which
+writes ``regions/shard-NNNNN.parquet`` and ``errors/shard-NNNNN.parquet`` atomically and removes the plan. The
+driver holds one shard at a time, whatever the corpus's size. A rerun after a kill skips the shards already
+written. Bad input becomes error rows; input regions = rows + error rows.
 
     python -m pipelines.prepare --config configs/prepare/synthetic.yaml [--root ...] [--out ...]
 """
