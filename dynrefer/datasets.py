@@ -508,18 +508,6 @@ def restricted_unpickle(data: bytes, name: str = "pickle") -> Any:
         raise ValueError(f"{name}: refused or unreadable pickle ({type(e).__name__}: {e})") from None
 
 
-def _coco_tables(data: Any, uri: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """(images list, category id -> name) of a parsed COCO-format file."""
-    if not isinstance(data, dict):
-        raise _error(uri, "top level", f"expected an object, got {_describe(data)}")
-    images = _field(data, "images", "list", uri, "top level")
-    categories: dict[str, str] = {}
-    for i, cat in enumerate(_field(data, "categories", "list", uri, "top level")):
-        categories[str(_field(cat, "id", "id", uri, f"categories[{i}]"))] = \
-            _field(cat, "name", "str", uri, f"categories[{i}]")
-    return images, categories
-
-
 def _category(categories: dict[str, str], category_id: Any, uri: str, where: str) -> str:
     if str(category_id) not in categories:
         raise _error(uri, where, f"field 'category_id' = {category_id!r} is not in 'categories'")
@@ -538,15 +526,17 @@ def read_refcocog(root: str, split: str | None = None, storage_options: StorageO
     refs_uri = storage.join(root, refs_file)
     refs = _list(restricted_unpickle(storage.read_bytes(refs_uri, storage_options), refs_uri), refs_uri, "top level")
     inst_uri = storage.join(root, instances_file)
-    data = storage.read_json(inst_uri, storage_options)
-    images, categories = _coco_tables(data, inst_uri)
+    kinds = top_level_kinds(inst_uri, storage_options)  # streamed: COCO's segmentations are never built
+    for key in ("images", "categories"):
+        json_section(inst_uri, kinds, key, storage_options)
+    categories = _coco_categories(inst_uri, kinds, storage_options)
     image_info: dict[str, tuple[str, int | None, int | None]] = {}
-    for i, img in enumerate(images):
+    for i, img in enumerate(json_section(inst_uri, kinds, "images", storage_options)):
         image_id = str(_field(img, "id", "id", inst_uri, f"images[{i}]"))
         where = f"image {image_id}"
         image_info[image_id] = (_field(img, "file_name", "str", inst_uri, where), *_size(img, inst_uri, where))
     boxes: dict[str, tuple[list[float], Any]] = {}
-    for i, ann in enumerate(_field(data, "annotations", "list", inst_uri, "top level")):
+    for i, ann in enumerate(json_section(inst_uri, kinds, "annotations", storage_options)):
         ann_id = str(_field(ann, "id", "id", inst_uri, f"annotations[{i}]"))
         where = f"annotation {ann_id}"
         boxes[ann_id] = (_bbox(ann, inst_uri, where), _field(ann, "category_id", "id", inst_uri, where))
