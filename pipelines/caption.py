@@ -244,8 +244,11 @@ def _detection_problem(entry: Any, known: set[str]) -> str | None:
 def attach_detections(records: list[dict[str, Any]], detections: Any, uri: str, min_score: float,
                       max_regions: int) -> list[dict[str, Any]]:
     """Give each image record the regions its detections name (best first, after ``min_score`` and
-    ``max_regions``); returns an error row per malformed entry, naming it (region id ``det-<entry index>``)."""
-    if not isinstance(detections, list):
+    ``max_regions``); returns an error row per malformed entry, naming it (region id ``det-<entry index>``).
+
+    ``detections`` is the parsed list or an iterator over its entries (the file streamed, as :func:`plan` reads
+    it), so that the driver holds the regions kept rather than the whole file."""
+    if not isinstance(detections, (list, Iterator)):
         raise ValueError(f"{uri}: expected a JSON list of detections, got {type(detections).__name__}")
     by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     errors = []
@@ -565,8 +568,13 @@ def plan(job: CaptionJob, done: set[str] | frozenset[str] = frozenset(),
     records = image_records(job.images, job.split, job.image_root, so)
     errors: list[dict[str, Any]] = []
     if job.detections is not None:
-        errors = attach_detections(records, storage.read_json(job.detections, so), job.detections, job.min_score,
-                                   job.max_regions)
+        try:
+            entries = datasets.iter_json_array(job.detections, so)
+            errors = attach_detections(records, entries, job.detections, job.min_score, job.max_regions)
+        except ValueError as e:
+            if "expected a list" not in str(e):
+                raise
+            raise ValueError(f"{job.detections}: expected a JSON list of detections ({e})") from None
     num_shards = math.ceil(len(records) / job.images_per_shard)
     shard_of = {r["image_id"]: i // job.images_per_shard for i, r in enumerate(records)}
     shard_errors: dict[int, list[dict[str, Any]]] = defaultdict(list)
