@@ -74,14 +74,20 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="start the Ray dashboard with the local cluster (off by default: it serves the job API)")
 
 
-#: Project cache folder (the Makefile's ``.cache``): the checkout's when run from one, else ``DYNREFER_CACHE``.
+#: The checkout this module runs from (its ``.cache`` is the Makefile's).
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> str:
-    """``DYNREFER_CACHE``, else ``.cache`` of the checkout (where the Makefile keeps torch extensions too)."""
+    """``DYNREFER_CACHE``, else ``.cache`` of the checkout (where the Makefile keeps torch extensions too); an
+    installed copy (no checkout around it) uses ``$XDG_CACHE_HOME/dynrefer`` rather than site-packages."""
     environ = os.environ if environ is None else environ
-    return environ.get("DYNREFER_CACHE") or os.path.join(PROJECT_ROOT, ".cache")
+    if environ.get("DYNREFER_CACHE"):
+        return environ["DYNREFER_CACHE"]
+    if os.path.exists(os.path.join(PROJECT_ROOT, "pyproject.toml")):
+        return os.path.join(PROJECT_ROOT, ".cache")
+    xdg = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "dynrefer")
 
 
 def default_token_path(environ: Mapping[str, str] | None = None) -> str:
