@@ -57,11 +57,15 @@ class RayNodes:
             cwd=REPO, env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
         return temp_dir
 
-    def head(self, num_cpus: int = 1, resources: dict[str, float] | None = None, timeout: float = 120) -> str:
-        """Start the head (no dashboard; its agent still serves the job API) and return its GCS address."""
+    def head(self, num_cpus: int = 1, resources: dict[str, float] | None = None, timeout: float = 120,
+             dashboard_port: int | None = None) -> str:
+        """Start the head and return its GCS address: no dashboard (its agent still serves the job API) unless
+        ``dashboard_port``, where it listens on 127.0.0.1."""
         self.agent_port = free_port()
+        dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                     str(dashboard_port)] if dashboard_port else ["--include-dashboard", "false"]
         temp_dir = self._start(["--head", "--port", str(free_port()), "--num-cpus", str(num_cpus),
-                                "--include-dashboard", "false", "--dashboard-agent-listen-port", str(self.agent_port),
+                                *dashboard, "--dashboard-agent-listen-port", str(self.agent_port),
                                 "--ray-client-server-port", str(free_port()),
                                 "--resources", json.dumps(resources or {})])
         record = os.path.join(temp_dir, "ray_current_cluster")

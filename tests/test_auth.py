@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from pipelines.args import default_token_path, secure_ray_env, write_token
-from tests.ray_nodes import REPO, RayNodes, token_env, wait_for
+from tests.ray_nodes import BIN, REPO, RayNodes, free_port, token_env, wait_for
 
 
 def _gcs_call(address: str, token: str | None):
@@ -173,3 +173,31 @@ def test_every_shipped_cluster_runs_with_token_auth():
         makefile = f.read()
     assert "export RAY_AUTH_MODE ?= token\n" in makefile and \
         "export RAY_AUTH_TOKEN_PATH ?= $(CURDIR)/.cache/ray/auth_token\n" in makefile
+
+
+@pytest.mark.timeout(300)
+def test_ray_job_submit_and_serve_pass_the_token_from_the_two_variables(tmp_path):
+    """What the README and cluster/README say: `ray job submit` and the `serve` CLI send the token named by
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH; without them the dashboard refuses both."""
+    token_path = write_token(str(tmp_path / "token"))
+    env = token_env(token_path)
+    bare = {**{k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}, "RAY_AUTH_MODE": "disabled"}
+    port = free_port()
+    dashboard = f"http://127.0.0.1:{port}"
+    with RayNodes(env) as nodes:
+        nodes.head(num_cpus=1, dashboard_port=port)
+        wait_for(lambda: _answers(dashboard + "/api/version"), 120, "the dashboard")
+
+        def cli(environment, *argv):
+            return subprocess.run([os.path.join(BIN, argv[0]), *argv[1:]], env=environment, cwd=str(tmp_path),
+                                  capture_output=True, text=True, timeout=120)
+
+        marker = tmp_path / "submitted"
+        for environment, allowed in ((bare, False), (env, True)):
+            job = cli(environment, "ray", "job", "submit", "--address", dashboard, "--", "touch", str(marker))
+            status = cli(environment, "serve", "status", "-a", dashboard)
+            assert (job.returncode == 0) is allowed and (status.returncode == 0) is allowed, (job.stderr, status.stderr)
+            assert marker.exists() is allowed
+            if not allowed:
+                assert "Token authentication is enabled" in job.stdout + job.stderr
+        assert not nodes.stop()
