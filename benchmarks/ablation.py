@@ -32,7 +32,7 @@ from dynrefer import metrics, storage  # noqa: E402
 from dynrefer.caption_content import content_scores  # noqa: E402
 from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E402
 from dynrefer.config import _build  # noqa: E402
-from pipelines.args import setup_logging  # noqa: E402
+from pipelines.args import secure_ray_env, setup_logging  # noqa: E402
 from dynrefer.config import merge  # noqa: E402
 from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table  # noqa: E402
 
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    secure_ray_env()
     ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = held_out_rows(ablation)

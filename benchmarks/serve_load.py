@@ -38,7 +38,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 APP = "bench"
 
@@ -250,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
         export_tiny_model(model)
+        from pipelines.args import secure_ray_env
+
+        secure_ray_env()
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         poller = None
         try:

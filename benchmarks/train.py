@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from pipelines.args import secure_ray_env  # noqa: E402
 from pipelines.train import EvalSection, TrainJob, run  # noqa: E402
 
 
@@ -48,6 +48,7 @@ def main() -> None:
 
     import ray
 
+    secure_ray_env()
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="dynrefer-bench-") as base:
         prepared = args.prepared or prepare_synthetic(base, args.images)

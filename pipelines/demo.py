@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable
 
 from dynrefer import storage
-from pipelines.args import setup_logging
+from pipelines.args import secure_ray_env, setup_logging
 
 log = logging.getLogger("dynrefer.demo")
 
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_repo(), ".cache", "torch_extensions"))
     start = time.perf_counter()
     demo = Demo(args.out, args.images, force=False)
+    secure_ray_env()  # token auth: Ray's ports listen beyond loopback
     ray.init(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -13,7 +13,6 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from dynrefer import storage  # noqa: E402
 from dynrefer.config import load_config  # noqa: E402

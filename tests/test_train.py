@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from dynrefer import datasets, storage  # noqa: E402
 from dynrefer.config import merge  # noqa: E402

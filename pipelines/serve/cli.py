@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
+    from pipelines.args import secure_ray_env
+
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     http = {"host": "127.0.0.1", "port": 8000, **(spec.get("http_options") or {})}
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    secure_ray_env()  # token auth: Ray's ports listen beyond loopback
     ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
