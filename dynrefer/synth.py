@@ -3,8 +3,8 @@
 No real corpus can be downloaded, so the default data is generated. It is built so that DynRefer's claims
 can be tested on it, and so that every word a caption states can be seen in some view: each object's surface
 pattern has a period that scales with the object (about 6-8 periods across it, never under 4 px), so the region's
-own view (t=0) shows it at any encoder size from 64 px up, while the whole image shrunk to the encoder's 64-224 px
-blurs away the pattern of all but the largest objects; shapes are drawn large enough to tell apart at t=0. Every
+own view (t=0) shows it at any encoder size from 64 px up, while the whole image shrunk to 64 px blurs away the
+patterns of tiny and small objects (medium and large ones keep some: their t=1 view is not far from t=0). Every
 caption may name a spatial relation to a neighbour, and a size relative to the image, which need context (larger
 t). The pattern is mean-preserving, so a shrunk image shows each object's colour but nothing of its pattern.
 
