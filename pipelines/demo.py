@@ -82,7 +82,15 @@ class Demo:
         from dynrefer import synth
 
         root = self.path("synth")
-        self.stage("synth", os.path.join(root, "synth_meta.json"),
+        meta = os.path.join(root, "synth_meta.json")
+        if os.path.exists(meta) and not self.force:
+            with open(meta) as f:
+                version = json.load(f).get("version")
+            if version != synth.GENERATOR_VERSION:
+                raise SystemExit(f"{root} holds synthetic corpus version {version}, this code writes version "
+                                 f"{synth.GENERATOR_VERSION}: every stage after it would reuse stale outputs; run "
+                                 "`dynrefer demo --force` (or give --out a new directory)")
+        self.stage("synth", meta,
                    lambda: synth.write_corpus(root, self.images, seed=0))
 
     def prepare(self) -> None:

@@ -1,5 +1,7 @@
 """The demo report's evaluation part: the headline table and the check that reruns metrics of an old protocol."""
 
+import pytest
+
 from pipelines import demo, evaluate
 from tests.test_evaluate import SYNTH_PREDICTIONS, SYNTH_REGIONS
 
@@ -27,3 +29,19 @@ def test_stale_metrics_are_scored_again():
     assert demo.stale_metrics({"caption": {}}, job)  # the job asks for dense
     assert not demo.stale_metrics({"dense": {"map": 0.2, "pairs": 30}}, job)
     assert demo.stale_metrics({"dense": {"pairs": 30}, "caption": {}}, demo.config("evaluate", "synthetic.yaml"))
+
+
+def test_demo_refuses_a_corpus_of_another_generator_version(tmp_path):
+    """A demo directory from an older corpus would silently feed every later stage stale outputs."""
+    import json
+
+    from dynrefer import synth
+    from pipelines.demo import Demo
+
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "synth_meta.json").write_text(json.dumps({"version": "0"}))
+    with pytest.raises(SystemExit, match="--force"):
+        Demo(str(tmp_path), 3, False).synth()
+    (tmp_path / "synth" / "synth_meta.json").write_text(json.dumps({"version": synth.GENERATOR_VERSION}))
+    Demo(str(tmp_path), 3, False).synth()  # the current version is reused, not regenerated
+    assert not (tmp_path / "synth" / "images").exists()
