@@ -74,6 +74,8 @@ class DecoderConfig:
     intermediate_size: int | None = None  # feed-forward width; None: 4 * dim (the official 1024)
     dropout: float = 0.1  # on attention probabilities and both residual branches, as BERT
     layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # BERT's: the std of the layers' linear weights at initialisation
+    projection_init_std: float | None = None  # text/region projections and fc: None = PyTorch's default (official)
 
     @property
     def ffn_size(self) -> int:

@@ -85,6 +85,18 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
 
 
+def bert_init(module: nn.Module, std: float) -> None:
+    """BERT's initialisation, as the official heads get it from their BertModel: linear weights normal(0, std),
+    biases zero, LayerNorms the identity. The projections and ``fc`` around the BERT layers keep PyTorch's default,
+    as in the official code, unless ``projection_init_std`` says otherwise."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class QueryDecoder(nn.Module):
     """Reads K text queries against each region: (K, D_text) x (B, Q, H) -> hidden states (B, K, D)."""
 
@@ -93,7 +105,11 @@ class QueryDecoder(nn.Module):
         self.text_proj = nn.Linear(text_dim, cfg.dim)
         self.region_proj = nn.Linear(region_dim, cfg.dim)
         self.encoder = _Encoder(cfg)
+        self.encoder.apply(lambda m: bert_init(m, cfg.initializer_range))
         self.fc = nn.Linear(cfg.dim, 1)
+        if cfg.projection_init_std is not None:
+            for proj in (self.text_proj, self.region_proj, self.fc):
+                bert_init(proj, cfg.projection_init_std)
 
     def hidden(self, texts: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """texts: (K, D_text) shared by every region, or (B, K, D_text) per region; regions: (B, Q, H)."""

@@ -180,3 +180,17 @@ def test_siglip_in_one_process_is_the_official_loss():
     with torch.no_grad():
         assert float(head.loss(texts, regions)) == pytest.approx(float(official_siglip(head, texts, regions)),
                                                                  rel=1e-9)
+
+
+def test_bert_layers_start_as_bert_and_projections_as_configured():
+    """The BERT layers get BERT's init (normal .02, zero bias); the projections and fc keep PyTorch's default (as
+    the official code) unless projection_init_std is set (the tiny config's choice)."""
+    torch.manual_seed(0)
+    official = QueryDecoder(DecoderConfig(dim=256), 1024, 768)
+    q = official.encoder.layer[0].crossattention.self.query
+    assert q.weight.std().item() == pytest.approx(0.02, rel=0.05) and torch.count_nonzero(q.bias) == 0
+    default_std = 1 / math.sqrt(3 * 1024)  # kaiming-uniform(a=sqrt 5) of a 1024-wide input
+    assert official.text_proj.weight.std().item() == pytest.approx(default_std, rel=0.05)
+    small = QueryDecoder(DecoderConfig(dim=256, projection_init_std=0.02), 1024, 768)
+    for proj in (small.text_proj, small.region_proj, small.fc):
+        assert proj.weight.std().item() == pytest.approx(0.02, rel=0.2) and torch.count_nonzero(proj.bias) == 0
