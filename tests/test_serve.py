@@ -26,7 +26,6 @@ from PIL import Image, ImageDraw
 from dynrefer.config import load_config
 from dynrefer.proposal_filter import keep_proposals
 from dynrefer.views import validate_box
-from pipelines.args import secure_ray_env
 from pipelines.serve import (
     PAGE, ChatCompletion, Dense, Limits, ModelList, Prepared, RegionOut, RegionsResponse, RequestError, bounded,
     chat_payload, completion, deployment_options, guarded, parse_config, parse_payload, predict_items,
@@ -1012,9 +1011,11 @@ def test_serve_deploy_of_the_shipped_config_on_a_ray_start_cluster(tmp_path, tin
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
     dashboard = f"http://127.0.0.1:{free_port()}"
     bin_dir = os.path.dirname(sys.executable)  # the venv's ray and serve
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Auth off for this one cluster (its own temp dir and ports on 127.0.0.1, stopped by the test): with token auth
+    # the dashboard's REST API that `serve deploy -a` talks to refused the CLI here; tests/test_auth.py covers the
+    # CLIs with the token.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    secure_ray_env(env, force=True)  # the cluster, `serve deploy` and `serve status` share the project's token
     # Its own temp dir (short: Unix socket paths under it must stay < 108 bytes): `ray start` records its address
     # there, which every later ray.init() on the machine would otherwise try to join.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
