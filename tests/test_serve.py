@@ -1011,9 +1011,9 @@ def test_serve_deploy_of_the_shipped_config_on_a_ray_start_cluster(tmp_path, tin
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
     dashboard = f"http://127.0.0.1:{free_port()}"
     bin_dir = os.path.dirname(sys.executable)  # the venv's ray and serve
-    # Auth off for this one cluster (its own temp dir and ports on 127.0.0.1, stopped by the test): with token auth
-    # the dashboard's REST API that `serve deploy -a` talks to refused the CLI here; tests/test_auth.py covers the
-    # CLIs with the token.
+    # Auth off for this one cluster (its own temp dir and ports on 127.0.0.1, stopped by the test): under token auth
+    # the test's unauthenticated readiness probe of the dashboard (/api/version) never answered 200 within 120 s;
+    # tests/test_auth.py covers `ray job submit` and `serve status` with the token.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # Its own temp dir (short: Unix socket paths under it must stay < 108 bytes): `ray start` records its address
