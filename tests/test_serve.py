@@ -529,21 +529,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_untrained_that_writes_words(cfg, path: str) -> None:
+    """Export an untrained model whose captions of the page test's picture are not empty (most seeds write
+    words; some write only EOS, and whether a seed does changes with any change to the initialisation)."""
+    import torch
+    from PIL import Image
+
+    import dynrefer
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.model import DynRefer
+
+    for seed in range(20):
+        torch.manual_seed(seed)
+        save_pretrained(DynRefer(cfg), path)
+        if all(r.caption for r in dynrefer.load(path).caption(Image.open(io.BytesIO(picture())), BOXES)):
+            return
+    raise AssertionError("no seed in 0..19 gives an untrained model that writes words")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, ray_local, tiny_cfg):
     """The app on a real local Serve at 127.0.0.1 with an exported untrained tiny model (with recognition labels);
     shut down afterwards."""
     import requests
-    import torch
     from ray import serve
 
-    from dynrefer.checkpoint import save_pretrained
-    from dynrefer.model import DynRefer
     from pipelines.serve import app_builder
 
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(8)  # an untrained model whose captions are words, for the page test
-    save_pretrained(DynRefer(with_recognition(tiny_cfg)), str(root / "model"))
+    save_untrained_that_writes_words(with_recognition(tiny_cfg), str(root / "model"))
     one = {"min_replicas": 1, "max_replicas": 1}
     args = {"model": str(root / "model"), "limits": {**LIMITS.__dict__, "request_timeout_s": 120},
             "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
