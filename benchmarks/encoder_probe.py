@@ -3,9 +3,10 @@
 Cuts every region's t=0 view of a prepared corpus (as training cuts it), embeds the crops with the encoder of a
 model config (optionally loading a pre-trained open_clip checkpoint), fits a logistic regression per facet on the
 train split's regions and scores it on the held-out split. Side by side: the same architecture at random
-initialisation, raw pixels (8x8 average-pooled RGB) and the majority answer. Three readings of the encoder are
-probed: the CLIP image embedding, and what DynRefer reads, the CLS token and the mean of the feature grid (after
-``ln_vision``).
+initialisation, raw pixels (8x8 average-pooled RGB) and the majority answer. Four readings of the encoder are
+probed: the CLIP image embedding, and what DynRefer reads, the CLS token, the mean of the feature grid and the grid
+itself average-pooled to 4x4 (after ``ln_vision``). The last keeps where each feature is, as the RoI tokens with
+their position code do: a shape is an arrangement, which a mean over positions loses.
 
     .venv/bin/python benchmarks/encoder_probe.py --prepared demo/prepared \
         --checkpoint demo/runs/pretrain-tiny/clip.safetensors [--model tiny] [--test-split test]
@@ -52,9 +53,9 @@ def t0_crops(prepared: str, split: str, size: int, limit: int | None) -> tuple[n
 
 @torch.no_grad()
 def readings(encoder: ImageEncoder, crops: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
-    """The encoder's image embedding, CLS token and mean grid feature of each crop.  # each (N, D)"""
+    """The encoder's image embedding, CLS token, mean grid feature and 4x4-pooled grid of each crop.  # each (N, D)"""
     encoder.eval()
-    parts: dict[str, list[torch.Tensor]] = {"embedding": [], "cls": [], "grid mean": []}
+    parts: dict[str, list[torch.Tensor]] = {"embedding": [], "cls": [], "grid mean": [], "grid 4x4": []}
     for i in range(0, len(crops), batch):
         views = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch]))
         feats = encoder(views)
@@ -62,6 +63,7 @@ def readings(encoder: ImageEncoder, crops: np.ndarray, batch: int = 256) -> dict
         parts["embedding"].append(encoder.clip.encode_image(x, normalize=True))
         parts["cls"].append(feats.cls)
         parts["grid mean"].append(feats.grid.mean(dim=(2, 3)))
+        parts["grid 4x4"].append(torch.nn.functional.adaptive_avg_pool2d(feats.grid, 4).flatten(1))  # (N, 16 C)
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 

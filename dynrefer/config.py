@@ -25,6 +25,10 @@ class EncoderConfig:
     layer: int = -1  # transformer block whose patch tokens are used (-2: drop the last block, as BLIP-2)
     freeze: bool = True
     ln_vision_eps: float = 1e-5  # the separate LayerNorm over the tokens (BLIP-2's ln_vision)
+    # "sincos": a fixed 2-D sine-cosine code of each RoI token's place in the region, added before the Q-former.
+    # A ViT's tokens carry their position (the official model's do), a conv trunk's stage does not: without it the
+    # Q-former attends to an unordered bag of local features and cannot read a shape. "none": the official model.
+    grid_positions: str = "none"
 
 
 @dataclass

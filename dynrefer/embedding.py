@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -39,6 +40,19 @@ class ViewFusion(nn.Module):
         return self.mlp(tokens.permute(0, 2, 1, 3).reshape(b, t, v * c))
 
 
+def grid_position_code(kind: str, grid: int, dim: int) -> torch.Tensor | None:
+    """The code added to the fused tokens by ``encoder.grid_positions``: zero for the CLS token, timm's 2-D
+    sine-cosine embedding of (row, column) for the g*g RoI tokens; None for "none".  # (1, 1 + g*g, C)"""
+    if kind == "none":
+        return None
+    if kind != "sincos":
+        raise ValueError(f"encoder.grid_positions {kind!r}: expected 'none' or 'sincos'")
+    if dim % 4:
+        raise ValueError(f"encoder.grid_positions 'sincos' needs a token width divisible by 4, not {dim}")
+    code = build_sincos2d_pos_embed([grid, grid], dim=dim)  # (g*g, C), row-major as the flattened RoI grid
+    return torch.cat([torch.zeros(1, dim), code]).unsqueeze(0)
+
+
 class MultiViewEmbedding(nn.Module):
     def __init__(self, cfg: DynReferConfig, encoder: ImageEncoder, storage_options=None):
         super().__init__()
@@ -46,6 +60,8 @@ class MultiViewEmbedding(nn.Module):
         dim = encoder.width
         self.alignment = ViewAlignment(dim, cfg.alignment) if cfg.alignment.enabled else None
         self.fusion = ViewFusion(dim, cfg.views.num_views)
+        code = grid_position_code(cfg.encoder.grid_positions, cfg.image_size // encoder.patch_size, dim)
+        self.register_buffer("positions", code, persistent=False)  # (1, 1 + g*g, C) or None
         self.qformer = QFormer(cfg.qformer, dim, storage_options)
 
     def region_tokens(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
@@ -65,4 +81,7 @@ class MultiViewEmbedding(nn.Module):
 
     def forward(self, views: torch.Tensor, view_index: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """-> region representation (B, Q, H)."""
-        return self.qformer(self.fusion(self.region_tokens(views, view_index, rois)))
+        tokens = self.fusion(self.region_tokens(views, view_index, rois))  # (B, 1 + g*g, C)
+        if self.positions is not None:
+            tokens = tokens + self.positions.to(tokens.dtype)
+        return self.qformer(tokens)

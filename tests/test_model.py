@@ -172,6 +172,42 @@ def test_roi_tokens_sample_the_view_grid_at_the_roi():
     assert torch.allclose(out[0, 0, 3], expected, atol=1e-4)
 
 
+def test_grid_positions_let_the_qformer_tell_a_region_from_its_mirror_image():
+    # The Q-former attends over its tokens as a set: without a position code a region and its mirror image (the
+    # RoI grid flipped left to right) give the same queries, so no head can read a shape that is not symmetric.
+    # Differences are measured against that of an unrelated input (at init the tokens move the queries little).
+    g = 8
+    gen = torch.Generator().manual_seed(1)
+    tokens, other = (torch.randn(2, 3, 1 + g * g, 128, generator=gen) for _ in range(2))  # (B, V, 1 + g*g, C)
+    grid = tokens[:, :, 1:].unflatten(2, (g, g)).flip(3).flatten(2, 3)
+    mirrored = torch.cat([tokens[:, :, :1], grid], dim=2)
+    ratio = {}
+    for kind in ("none", "sincos"):
+        cfg = tiny_config()
+        cfg.encoder.grid_positions = kind
+        torch.manual_seed(0)
+        embedding = DynRefer(cfg).embedding.eval()
+        outs = []
+        for t in (tokens, mirrored, other):
+            embedding.region_tokens = lambda *_, t=t: t
+            outs.append(embedding(None, None, None))  # (B, Q, H)
+        ratio[kind] = float((outs[0] - outs[1]).abs().max() / (outs[0] - outs[2]).abs().max())
+        if kind == "sincos":
+            code = embedding.positions[0]  # (1 + g*g, C)
+            assert code.shape == (1 + g * g, 128) and not code[0].any()
+            assert len({tuple(row.tolist()) for row in code[1:]}) == g * g  # every RoI cell its own code
+            assert torch.allclose(outs[0], embedding.qformer(embedding.fusion(tokens) + code), atol=1e-6)
+    assert ratio["none"] < 1e-3  # float rounding only
+    assert ratio["sincos"] > 5e-3
+
+
+def test_grid_positions_reject_unknown_kinds():
+    cfg = tiny_config()
+    cfg.encoder.grid_positions = "learned"
+    with pytest.raises(ValueError, match="grid_positions 'learned'"):
+        DynRefer(cfg)
+
+
 def test_config_rejects_unknown_keys(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("qformer: {num_querys: 4}\n")
