@@ -120,16 +120,16 @@ class Demo:
     def caption(self) -> None:
         out = self.path("captions")
         self.stage("caption", os.path.join(out, "summary.json"), lambda: self.command("pipelines.caption", [
-            "--model", self.path("runs", "tiny", "export"), "--prepared", self.path("prepared"), "--split", "test",
-            "--out", out, "--address", "auto", "--quiet", "--cpus-per-actor", "1", "--cpus-per-input-worker", "1"]))
+            "--config", config("caption", "synthetic.yaml"), "--model", self.path("runs", "tiny", "export"),
+            "--prepared", self.path("prepared"), "--out", out, "--address", "auto", "--quiet"]))
         self.summaries["caption"] = storage.read_json(os.path.join(out, "summary.json"))
 
     def dense(self) -> None:
         out = self.path("dense")
         self.stage("dense", os.path.join(out, "summary.json"), lambda: self.command("pipelines.caption", [
-            "--model", self.path("runs", "tiny", "export"), "--images", self.path("synth"), "--split", "test",
-            "--proposals", self.path("runs", "proposals", "export"), "--out", out, "--address", "auto", "--quiet",
-            "--cpus-per-actor", "0.5", "--cpus-per-input-worker", "0.5", "--cpus-per-proposer", "0.5"]))
+            "--config", config("caption", "synthetic_dense.yaml"), "--model", self.path("runs", "tiny", "export"),
+            "--images", self.path("synth"), "--proposals", self.path("runs", "proposals", "export"), "--out", out,
+            "--address", "auto", "--quiet"]))
         self.summaries["dense"] = storage.read_json(os.path.join(out, "summary.json"))
 
     def evaluate(self) -> None:
