@@ -26,15 +26,13 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dynrefer import metrics, storage  # noqa: E402
-from dynrefer.caption_content import content_scores  # noqa: E402
-from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E402
-from dynrefer.config import _build  # noqa: E402
-from pipelines.args import secure_ray_env, setup_logging  # noqa: E402
-from dynrefer.config import merge  # noqa: E402
-from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table  # noqa: E402
+from dynrefer import metrics, storage
+from dynrefer.caption_content import content_scores
+from dynrefer.batching import build_inputs, load_images, region_rng
+from dynrefer.config import _build
+from pipelines.args import secure_ray_env, setup_logging
+from dynrefer.config import merge
+from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table
 
 log = logging.getLogger("dynrefer.ablation")
 INFERENCE = ("fixed", "random", "phash")

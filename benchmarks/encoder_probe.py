@@ -24,13 +24,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dynrefer import storage  # noqa: E402
-from dynrefer.batching import build_inputs, load_images  # noqa: E402
-from dynrefer.config import ViewConfig, load_config  # noqa: E402
-from dynrefer.encoder import ImageEncoder  # noqa: E402
-from dynrefer.probe import facet_labels, majority_baseline, parse_facets, probe_scores  # noqa: E402
+from dynrefer import storage
+from dynrefer.batching import build_inputs, load_images
+from dynrefer.config import ViewConfig, load_config
+from dynrefer.encoder import ImageEncoder
+from dynrefer.probe import facet_labels, majority_baseline, parse_facets, probe_scores
 
 
 def t0_crops(prepared: str, split: str, size: int, limit: int | None) -> tuple[np.ndarray, list[dict[str, str]]]:

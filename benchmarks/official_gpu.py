@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_TAGS, NUM_CLASSES, NUM_ATTRIBUTES = 4585, 80, 117
 

@@ -21,13 +21,11 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import psutil
 
-import psutil  # noqa: E402
-
-from dynrefer import datasets, storage, synth  # noqa: E402
-from dynrefer.imageio import decode_image  # noqa: E402
-from dynrefer.preprocess import PrepareConfig, preprocess_image  # noqa: E402
+from dynrefer import datasets, storage, synth
+from dynrefer.imageio import decode_image
+from dynrefer.preprocess import PrepareConfig, preprocess_image
 
 
 class PeakRSS:

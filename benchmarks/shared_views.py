@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dynrefer.batching import ModelInputs, build_inputs, choose_views, region_boxes  # noqa: E402
-from dynrefer.config import DynReferConfig, load_config  # noqa: E402
-from dynrefer.model import DynRefer  # noqa: E402
-from dynrefer.preprocess import PrepareConfig, region_rows  # noqa: E402
-from dynrefer.synth import render_scene  # noqa: E402
-from dynrefer.views import crop_views  # noqa: E402
+from dynrefer.batching import ModelInputs, build_inputs, choose_views, region_boxes
+from dynrefer.config import DynReferConfig, load_config
+from dynrefer.model import DynRefer
+from dynrefer.preprocess import PrepareConfig, region_rows
+from dynrefer.synth import render_scene
+from dynrefer.views import crop_views
 
 
 def corpus(cfg: DynReferConfig, count: int, min_regions: int, seed: int) -> list[tuple[Image.Image, list[dict]]]:

@@ -15,27 +15,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import (  # noqa: E402
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.flop_counter import (
     FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count,
 )
 
-from dynrefer import datasets, storage, synth  # noqa: E402
-from dynrefer.batching import ModelInputs, build_inputs, load_images, region_rng  # noqa: E402
-from dynrefer.config import load_config  # noqa: E402
-from dynrefer.imageio import decode_image  # noqa: E402
-from dynrefer.model import DynRefer, parameter_counts  # noqa: E402
-from dynrefer.preprocess import PrepareConfig, preprocess_image  # noqa: E402
-from pipelines.prepare import PrepareJob, prepare_shard  # noqa: E402
+from dynrefer import datasets, storage, synth
+from dynrefer.batching import ModelInputs, build_inputs, load_images, region_rng
+from dynrefer.config import load_config
+from dynrefer.imageio import decode_image
+from dynrefer.model import DynRefer, parameter_counts
+from dynrefer.preprocess import PrepareConfig, preprocess_image
+from pipelines.prepare import PrepareJob, prepare_shard
 
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)

@@ -21,6 +21,8 @@ Views reach the model in that order (it matters: the fusion MLP reads them view 
 
 from __future__ import annotations
 
+import io
+import json
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -86,6 +88,28 @@ class ModelInputs:
                    ts=np.asarray(batch["ts"], dtype=np.float32), captions=[str(c) for c in batch["caption"]],
                    tags=[[str(t) for t in tags] for tags in batch["tags"]],
                    region_ids=[str(r) for r in batch["region_id"]])
+
+
+    def to_bytes(self) -> bytes:
+        """The whole batch as one uncompressed ``.npz`` blob, each distinct view once: what one Ray Data row
+        carries where a column per region would repeat every shared view's pixels."""
+        buf = io.BytesIO()
+        arrays = {"views": self.views, "view_index": self.view_index, "rois": self.rois, "ts": self.ts,
+                  "captions": np.array(self.captions, dtype=str), "tags": np.array(json.dumps(self.tags)),
+                  "region_ids": np.array(self.region_ids, dtype=str)}
+        if self.view_boxes is not None:
+            arrays["view_boxes"] = self.view_boxes
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ModelInputs":
+        """Inverse of :meth:`to_bytes` (writable arrays, as torch needs)."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(views=z["views"], view_index=z["view_index"], rois=z["rois"], ts=z["ts"],
+                       captions=[str(c) for c in z["captions"]], tags=json.loads(str(z["tags"])),
+                       region_ids=[str(r) for r in z["region_ids"]],
+                       view_boxes=z["view_boxes"] if "view_boxes" in z.files else None)
 
 
 def share_views(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

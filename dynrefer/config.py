@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dynrefer.paths import repo_path
 from dynrefer.views import CANDIDATE_TS
 
 
@@ -220,7 +221,7 @@ def config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
-    return Path(__file__).resolve().parent.parent / "configs" / "model" / f"{name_or_path}.yaml"
+    return Path(repo_path("configs", "model", f"{name_or_path}.yaml"))
 
 
 def load_config(name_or_path: str) -> DynReferConfig:

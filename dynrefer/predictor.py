@@ -53,6 +53,8 @@ class Region:
     views: list[View] = field(default_factory=list)
     mask_id: int | None = None  # the index of the mask the box came from
     score: float | None = None  # the proposal's score, in dense captioning
+    category_scores: dict[str, float] | None = None  # every category's score, where the model names categories
+    attribute_scores: dict[str, float] | None = None  # every attribute's probability, where it names attributes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,7 +217,8 @@ def _region(p: RegionPrediction, box: list[float], views: list[View]) -> Region:
     r = p.recognition
     return Region(box=box, caption=p.caption, caption_score=p.caption_score, tags=p.tags,
                   category=r.category if r else None, category_score=r.category_score if r else None,
-                  attributes=r.attributes if r else [], text_scores=p.text_scores, views=views)
+                  attributes=r.attributes if r else [], text_scores=p.text_scores, views=views,
+                  category_scores=r.category_scores if r else None, attribute_scores=r.attribute_scores if r else None)
 
 
 def _mask(mask: Any, name: str) -> np.ndarray | Image.Image:

@@ -46,6 +46,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from dynrefer import storage
 from dynrefer.config import _build
 from dynrefer.imageio import decode_image
+from dynrefer.paths import repo_path
 from dynrefer.storage import StorageOptions
 
 CONFIG_FILE = "config.json"
@@ -109,7 +110,7 @@ def load_proposal_config(name_or_path: str) -> ProposalConfig:
     """``tiny`` -> ``configs/proposals/tiny.yaml`` of this repository; anything with a .yaml suffix is a path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
-        path = Path(__file__).resolve().parent.parent / "configs" / "proposals" / f"{name_or_path}.yaml"
+        path = Path(repo_path("configs", "proposals", f"{name_or_path}.yaml"))
     if not path.exists():
         raise FileNotFoundError(f"proposal config {name_or_path!r} not found (looked for {path})")
     return ProposalConfig.from_yaml(path)

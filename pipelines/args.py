@@ -10,6 +10,7 @@ from typing import Any, Mapping, MutableMapping
 import yaml
 
 from dynrefer import storage
+from dynrefer.paths import REPO_ROOT
 
 
 def read_job_file(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 #: The checkout this module runs from (its ``.cache`` is the Makefile's).
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = REPO_ROOT
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> str:

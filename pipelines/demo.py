@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable
 
 from dynrefer import storage
+from dynrefer.paths import repo_path
 from pipelines.args import secure_ray_env, setup_logging
 
 log = logging.getLogger("dynrefer.demo")
@@ -34,12 +35,8 @@ log = logging.getLogger("dynrefer.demo")
 STAGES = ("synth", "prepare", "pretrain", "train", "proposals", "caption", "dense", "evaluate", "serve", "report")
 
 
-def _repo() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def config(*parts: str) -> str:
-    return os.path.join(_repo(), "configs", *parts)
+    return repo_path("configs", *parts)
 
 
 class Demo:
@@ -120,16 +117,16 @@ class Demo:
     def caption(self) -> None:
         out = self.path("captions")
         self.stage("caption", os.path.join(out, "summary.json"), lambda: self.command("pipelines.caption", [
-            "--model", self.path("runs", "tiny", "export"), "--prepared", self.path("prepared"), "--split", "test",
-            "--out", out, "--address", "auto", "--quiet", "--cpus-per-actor", "1", "--cpus-per-input-worker", "1"]))
+            "--config", config("caption", "synthetic.yaml"), "--model", self.path("runs", "tiny", "export"),
+            "--prepared", self.path("prepared"), "--out", out, "--address", "auto", "--quiet"]))
         self.summaries["caption"] = storage.read_json(os.path.join(out, "summary.json"))
 
     def dense(self) -> None:
         out = self.path("dense")
         self.stage("dense", os.path.join(out, "summary.json"), lambda: self.command("pipelines.caption", [
-            "--model", self.path("runs", "tiny", "export"), "--images", self.path("synth"), "--split", "test",
-            "--proposals", self.path("runs", "proposals", "export"), "--out", out, "--address", "auto", "--quiet",
-            "--cpus-per-actor", "0.5", "--cpus-per-input-worker", "0.5", "--cpus-per-proposer", "0.5"]))
+            "--config", config("caption", "synthetic_dense.yaml"), "--model", self.path("runs", "tiny", "export"),
+            "--images", self.path("synth"), "--proposals", self.path("runs", "proposals", "export"), "--out", out,
+            "--address", "auto", "--quiet"]))
         self.summaries["dense"] = storage.read_json(os.path.join(out, "summary.json"))
 
     def evaluate(self) -> None:
@@ -337,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.force and os.path.exists(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out, exist_ok=True)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_repo(), ".cache", "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", repo_path(".cache", "torch_extensions"))
     start = time.perf_counter()
     demo = Demo(args.out, args.images, force=False)
     secure_ray_env()  # token auth: Ray's ports listen beyond loopback

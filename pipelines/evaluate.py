@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dynrefer import caption_content, metrics, storage
+from dynrefer.caption_files import read_caption_rows
 from dynrefer.config import _build
 from pipelines.args import add_storage_args, read_job_file, setup_logging, storage_options_from_args
 
@@ -63,28 +64,6 @@ def _read_parquet(uri: str, so: storage.StorageOptions | None, columns: Iterable
             wanted = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
             rows.extend(pf.read(columns=wanted).to_pylist())
     return rows
-
-
-def read_predictions(uri: str, so: storage.StorageOptions | None = None) -> list[dict[str, Any]]:
-    """Prediction rows from Parquet or JSON Lines (``.jsonl``): a file, or a directory of either."""
-    fs, path = storage.filesystem(uri, so)
-    if not uri.endswith(".jsonl") and fs.isdir(path):
-        lines = [n for n in storage.listdir(uri, so) if n.endswith(".jsonl")]
-        if lines and not any(n.endswith(".parquet") for n in storage.listdir(uri, so)):
-            return [row for n in lines for row in read_predictions(storage.join(uri, n), so)]
-    if uri.endswith(".jsonl"):
-        rows = []
-        for n, line in enumerate(storage.read_bytes(uri, so).decode().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{uri}: line {n}: invalid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{uri}: line {n}: expected a JSON object")
-                rows.append(row)
-        return rows
-    return _read_parquet(uri, so)
 
 
 def read_references(prepared: str, split: str | None = None, so: storage.StorageOptions | None = None
@@ -498,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         so = job.storage_options or None
         groups = storage.read_json(job.attribute_groups, so) if job.attribute_groups else None
         vocabulary = read_ovad_vocabulary(job.ovad_annotations, so) if job.ovad_annotations else None
-        result = evaluate(read_predictions(job.predictions, so), read_references(job.prepared, job.split, so),
+        result = evaluate(read_caption_rows(job.predictions, so), read_references(job.prepared, job.split, so),
                           job.tasks, groups, job.densecap_compat, job.dense_rank, vocabulary)
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)

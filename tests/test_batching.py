@@ -258,3 +258,16 @@ def test_concat_and_take_regions_keep_each_region_its_views():
     assert np.array_equal(views[index], per_region)
     part_views, part_index = take_regions(views, index, slice(1, 4))
     assert len(part_views) == 4 and np.array_equal(part_views[part_index], per_region[1:4])  # view 0 is unused
+
+
+def test_inputs_travel_as_one_blob_with_each_distinct_view_once(tmp_path):
+    rows = prepared_rows(tmp_path, 32)
+    inputs = build_inputs(rows, load_images(r["file"] for r in rows), VIEWS, 32, "fixed", prepared_size=32)
+    blob = inputs.to_bytes()
+    back = ModelInputs.from_bytes(blob)
+    for name in ("views", "view_index", "rois", "ts", "view_boxes"):
+        assert np.array_equal(getattr(back, name), getattr(inputs, name)), name
+        assert getattr(back, name).dtype == getattr(inputs, name).dtype and getattr(back, name).flags.writeable
+    assert (back.captions, back.tags, back.region_ids) == (inputs.captions, inputs.tags, inputs.region_ids)
+    assert len(inputs.views) < inputs.region_views().shape[0] * 3  # the shared t=1 views are cut once
+    assert len(blob) < inputs.region_views().nbytes  # and travel once

@@ -55,7 +55,7 @@ def evaluate(corpus, predictions, out, tasks):
 
 
 def test_detections_are_validated_entry_by_entry_then_cut_by_score_and_count():
-    from pipelines.caption import attach_detections
+    from dynrefer.detections import attach_detections
 
     records = [{"image_id": "1", "regions": []}, {"image_id": "a", "regions": []}]
     detections = [
@@ -86,7 +86,7 @@ def test_detections_are_validated_entry_by_entry_then_cut_by_score_and_count():
 
 
 def test_image_records_of_a_directory_a_list_and_a_coco_file(tmp_path):
-    from pipelines.caption import image_records
+    from dynrefer.image_lists import image_records
 
     for name in ("b.png", "a.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -109,7 +109,7 @@ def test_image_records_of_a_directory_a_list_and_a_coco_file(tmp_path):
 
 
 def test_files_sharing_a_stem_get_distinct_ids_that_stay_the_same(tmp_path):
-    from pipelines.caption import file_ids, image_records
+    from dynrefer.image_lists import file_ids, image_records
 
     for name in ("x.jpg", "x.png", "y.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -134,6 +134,28 @@ def test_the_command_line_refuses_contradictory_inputs_before_starting_ray(tmp_p
     assert "input_workers" in caplog.text
     with pytest.raises(SystemExit):
         main([*base, "--images", str(tmp_path), "--proposals", "p", "--detections", "d.json"])
+
+
+def test_shipped_job_files_are_valid_jobs_and_flags_override_them(tmp_path):
+    import glob
+
+    from pipelines.caption import job_from_args, parser
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(repo, "configs", "caption", "*.yaml")))
+    assert {os.path.basename(f) for f in files} >= {"synthetic.yaml", "synthetic_dense.yaml"}
+    for f in files:
+        job_from_args(parser().parse_args(["--config", f]))
+    synthetic = os.path.join(repo, "configs", "caption", "synthetic.yaml")
+    job = job_from_args(parser().parse_args(["--config", synthetic, "--out", str(tmp_path), "--batch-size", "8"]))
+    assert (job.out, job.batch_size, job.split, job.cpus_per_input_worker) == (str(tmp_path), 8, "test", 1.0)
+    dense = job_from_args(parser().parse_args(["--config", synthetic, "--images", "imgs", "--detections", "d.json"]))
+    assert (dense.prepared, dense.images, dense.detections) == (None, "imgs", "d.json")
+    (tmp_path / "typo.yaml").write_text("model: m\nout: o\nprepared: p\nbatchsize: 8\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        job_from_args(parser().parse_args(["--config", str(tmp_path / "typo.yaml")]))
+    with pytest.raises(ValueError, match="--model"):
+        job_from_args(parser().parse_args(["--prepared", "p", "--out", "o"]))
 
 
 @pytest.mark.slow
