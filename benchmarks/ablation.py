@@ -34,7 +34,8 @@ from dynrefer.batching import build_inputs, load_images, region_rng  # noqa: E40
 from dynrefer.config import _build  # noqa: E402
 from pipelines.args import secure_ray_env, setup_logging  # noqa: E402
 from dynrefer.config import merge  # noqa: E402
-from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table  # noqa: E402
+from pipelines.train_data import ROW_COLUMNS, prepared_view_size, region_table  # noqa: E402
+from pipelines.train_job import TrainJob  # noqa: E402
 
 log = logging.getLogger("dynrefer.ablation")
 INFERENCE = ("fixed", "random", "phash")

@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 
 from pipelines.args import secure_ray_env  # noqa: E402
-from pipelines.train import EvalSection, TrainJob, run  # noqa: E402
+from pipelines.train import run  # noqa: E402
+from pipelines.train_job import EvalSection, TrainJob  # noqa: E402
 
 
 def prepare_synthetic(base: str, images: int) -> str:
