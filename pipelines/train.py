@@ -9,9 +9,12 @@ the val slice with CIDEr every ``eval.every`` steps, save checkpoints every rank
 the model with ``dynrefer.checkpoint.save_pretrained`` at the end. Rerunning with the same storage path and
 name resumes from the latest checkpoint, as does Ray Train after a worker dies (``max_failures``).
 
+This module is the program (driver, worker loop, command line); its parts are shared with pre-training:
+the job file (``pipelines.train_job``), the data (``pipelines.train_data``), the engines (``pipelines.steppers``),
+the step loop (``pipelines.training_loop``) and Ray Train's side of it (``pipelines.ray_training``).
+
     python -m pipelines.train --config configs/train/tiny.yaml [--ddp] [--address auto] ...
 """
-
 
 from __future__ import annotations
 
@@ -112,7 +115,6 @@ def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.Storage
         model.refresh_text_embeddings()
     model.freeze_unused_heads()
     return model
-
 
 
 def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[float, list[tuple[str, str, str]]]:
