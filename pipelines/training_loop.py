@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -82,7 +82,7 @@ class LoopHooks:
     evaluate: Callable[[int, bool], Metrics] | None = None
     report_extras: Callable[[], Metrics] = dict
     on_step: Callable[[int, dict[str, float]], None] = _nothing
-    clock: Callable[[], float] = field(default=time.perf_counter)
+    clock: Callable[[], float] = time.perf_counter
 
 
 def mean_over(rows: list[Mapping[str, float]]) -> dict[str, float]:
