@@ -27,12 +27,12 @@ from typing import Any
 import yaml
 
 from dynrefer import metrics, storage
-from dynrefer.caption_content import content_scores
 from dynrefer.batching import build_inputs, load_images, region_rng
-from dynrefer.config import _build
+from dynrefer.caption_content import content_scores
+from dynrefer.config import _build, merge
 from pipelines.args import secure_ray_env, setup_logging
-from dynrefer.config import merge
-from pipelines.train import ROW_COLUMNS, TrainJob, prepared_view_size, region_table
+from pipelines.train_data import ROW_COLUMNS, prepared_view_size, region_table
+from pipelines.train_job import TrainJob
 
 log = logging.getLogger("dynrefer.ablation")
 INFERENCE = ("fixed", "random", "phash")

@@ -20,7 +20,8 @@ from dynrefer.paths import REPO_ROOT as REPO  # noqa: E402
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 
 from pipelines.args import secure_ray_env  # noqa: E402
-from pipelines.train import EvalSection, TrainJob, run  # noqa: E402
+from pipelines.train import run  # noqa: E402
+from pipelines.train_job import EvalSection, TrainJob  # noqa: E402
 
 
 def prepare_synthetic(base: str, images: int) -> str:

@@ -2,10 +2,10 @@
 
 One process, one GPU, no Ray: each variant builds the model of the training config (``base`` by default; every
 weight randomly initialised, since speed does not depend on weight values and no weights are downloaded) and
-runs ``pipelines.train``'s own DDPStepper or DeepSpeedStepper on the same few batches of the synthetic corpus
-(rendered, prepared by the prepare stage's shard function and batched by ``dynrefer.batching`` before timing),
-so the numbers are model steps without data waits. samples/s counts the steps after ``--warmup``; peak memory
-is ``torch.cuda.max_memory_allocated`` over the variant.
+runs the training's own DDPStepper or DeepSpeedStepper (``pipelines.steppers``) on the same few batches of the
+synthetic corpus (rendered, prepared by the prepare stage's shard function and batched by ``dynrefer.batching``
+before timing), so the numbers are model steps without data waits. samples/s counts the steps after
+``--warmup``; peak memory is ``torch.cuda.max_memory_allocated`` over the variant.
 
     .venv/bin/python benchmarks/train_gpu.py [--config configs/train/base_gpu.yaml] [--steps 20] [--batch-size 64]
     .venv/bin/python benchmarks/train_gpu.py --device cpu --config configs/train/tiny.yaml --steps 2   # logic check
@@ -27,7 +27,7 @@ from typing import Any
 from dynrefer.paths import REPO_ROOT as REPO  # noqa: E402
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 
-from pipelines.train import TrainJob  # noqa: E402
+from pipelines.train_job import TrainJob  # noqa: E402
 
 VARIANTS = {"ddp-fp32": (True, "fp32"), "zero2-fp32": (False, "fp32"), "ddp-bf16": (True, "bf16"),
             "zero2-bf16": (False, "bf16")}
@@ -77,7 +77,8 @@ def measure(job: TrainJob, cfg, batches: list, device, warmup: int, steps: int) 
     """samples/s over ``steps`` optimizer steps after ``warmup`` ones, peak GPU memory, and the last loss."""
     import torch
 
-    from pipelines.train import build_model, build_stepper, deepspeed_config
+    from pipelines.steppers import build_stepper, deepspeed_config
+    from pipelines.train import build_model
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -138,7 +139,9 @@ def main() -> int:
         torch.cuda.set_device(device)
     init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    from pipelines.train import model_config, region_table, resolved_model_config
+    from pipelines.train import model_config
+    from pipelines.train_data import region_table
+    from pipelines.train_job import resolved_model_config
 
     with tempfile.TemporaryDirectory(prefix="dynrefer-bench-gpu-") as base:
         model = resolved_model_config(job.model, job.model_overrides)

@@ -75,6 +75,35 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="start the Ray dashboard with the local cluster (off by default: it serves the job API)")
 
 
+
+def add_run_args(p: argparse.ArgumentParser, export_help: str) -> None:
+    """The flags every Ray Train program takes: where the run lives, how long and wide it is, its export, and
+    the Ray and S3 flags."""
+    p.add_argument("--storage-path", help="checkpoint and export root, local or s3://")
+    p.add_argument("--name", help="run name (the same storage path and name resume)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--workers", type=int, help="number of training workers")
+    p.add_argument("--export", help=export_help)
+    add_ray_args(p)
+    add_storage_args(p)
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The job-file keys that :func:`add_run_args`'s flags (and the S3 flags) override."""
+    return {"storage_path": args.storage_path, "name": args.name, "max_steps": args.max_steps,
+            "workers.num": args.workers, "export": args.export,
+            "storage_options": storage_options_from_args(args) or None}
+
+
+def launch(args: argparse.Namespace, run: Any, job: Any) -> int:
+    """Connect to Ray, run a Ray Train program's job and print its summary as JSON."""
+    import json
+
+    setup_logging()
+    init_ray(args, worker_logs=True)
+    print(json.dumps(run(job), indent=2, default=str))
+    return 0
+
 #: The checkout this module runs from (its ``.cache`` is the Makefile's).
 PROJECT_ROOT = REPO_ROOT
 

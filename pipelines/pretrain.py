@@ -3,8 +3,9 @@
 DynRefer's CLIP is frozen, and the built-in tiny one has no published weights: this program trains it on
 region crops (each region's t=0 view, or as augmentation a randomly drawn larger view) and their captions
 with open_clip's ``ClipLoss``, on a ``TorchTrainer`` with DDP (gloo on CPU, NCCL on GPU, the same code). The
-data pipeline, optimizer, schedule, checkpoints and resume are those of ``pipelines.train``: rerunning with the
-same storage path and name resumes. Held-out region -> caption retrieval on the val split is logged at the
+data pipeline (``pipelines.train_data``), optimizer and schedule (``pipelines.steppers``), step loop, checkpoints
+and resume (``pipelines.training_loop``, ``pipelines.ray_training``) are those of ``pipelines.train``: rerunning
+with the same storage path and name resumes. Held-out region -> caption retrieval on the val split is logged at the
 start and every ``eval.every`` steps. The result is an ordinary open_clip checkpoint (default
 ``<storage_path>/<name>/clip.safetensors``) that ``encoder.checkpoint`` of a model config loads.
 
@@ -15,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -31,10 +28,13 @@ from dynrefer import storage
 from dynrefer.batching import ModelInputs
 from dynrefer.config import ViewConfig
 from dynrefer.pretraining import CHECKPOINT_SUFFIXES
-from pipelines.args import add_ray_args, add_storage_args, init_ray, setup_logging, storage_options_from_args
-from pipelines.train import (DDPStepper, EvalSection, RayTrainJob, StageSettings, TrainState, all_mean, data_config,
-    default_extensions_dir, inject_fault, prepared_view_size, region_table, resolved_model_config, saved_train_state,
-    train_batches, trainer_settings, view_dataset, write_checkpoint)
+from pipelines.args import add_run_args, launch, run_overrides
+from pipelines.ray_training import Worker, all_mean, fit, gather_on_rank0, scalar_logger
+from pipelines.steppers import DDPStepper, default_extensions_dir
+from pipelines.train_data import (StageSettings, data_config, prepared_view_size, region_table, split_counts,
+                                  train_batches, view_dataset)
+from pipelines.train_job import EvalSection, RayTrainJob, resolved_model_config
+from pipelines.training_loop import Cadence, LoopHooks, MicroStep, run_loop
 
 log = logging.getLogger("dynrefer.pretrain")
 
@@ -150,19 +150,11 @@ def region_labels(job: PretrainJob, storage_options: storage.StorageOptions | No
 
 def run(job: PretrainJob) -> dict[str, Any]:
     """Pre-train on the connected Ray cluster; returns a summary (final metrics, checkpoint, exported CLIP)."""
-    from ray.train.torch import TorchTrainer
-
     job.validate()
     job = job.absolute()
     so = job.storage_options or None
     cfg = resolved_model_config(job.model, job.model_overrides)
-    splits = Counter(region_table(job.data.prepared, so, ["split"])["split"].to_pylist())
-    if not splits.get(job.data.train_split):
-        raise ValueError(f"{job.data.prepared}: no rows of split {job.data.train_split!r} (splits found: "
-                         f"{dict(splits)}); prepare the data with its split labels")
-    with_val = job.eval.every >= 0 and splits.get(job.data.val_split, 0) > 0
-    if job.eval.every >= 0 and not with_val:
-        log.warning("no rows of split %r: held-out retrieval is skipped", job.data.val_split)
+    splits, with_val = split_counts(job, region_table(job.data.prepared, so, ["split"]), "held-out retrieval")
     train, val = stage_settings(job, cfg.image_size, prepared_view_size(job.data.prepared, so))
     data = {"train": view_dataset(job.data, job.data.train_split, train, job.seed, so)}
     if with_val:
@@ -175,14 +167,9 @@ def run(job: PretrainJob) -> dict[str, Any]:
     train_regions = splits[job.data.train_split]
     log.info("%d train regions (%.1f epochs of %d steps of at most %d regions), encoder %s", train_regions,
              job.max_steps * per_step / train_regions, job.max_steps, per_step, cfg.encoder.name)
-    trainer = TorchTrainer(
-        pretrain_loop, train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val,
-                                          "probe_labels": probe_labels},
-        datasets=data, dataset_config=data_config(job.data), **trainer_settings(job),
-    )
-    result = trainer.fit()
-    checkpoint = storage.join(job.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
-    return {"metrics": result.metrics, "checkpoint": checkpoint, "export": job.export_uri, "run": job.run_uri}
+    config = {"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": with_val,
+              "probe_labels": probe_labels}
+    return fit(job, pretrain_loop, config, data, data_config(job.data))
 
 
 # --- the workers --------------------------------------------------------------------------------------------------
@@ -223,7 +210,6 @@ def distinct_batch(inputs: ModelInputs, larger: float, rng: np.random.Generator,
 def heldout_retrieval(model: Any, shard: Any, batch_size: int, device: Any) -> dict[str, float] | None:
     """Region -> caption retrieval over the whole val slice: each rank embeds its part, rank 0 scores them all."""
     import torch
-    import torch.distributed as dist
 
     from dynrefer.pretraining import retrieval_scores
 
@@ -235,10 +221,8 @@ def heldout_retrieval(model: Any, shard: Any, batch_size: int, device: Any) -> d
         images.append(image.cpu())
         texts.append(text.cpu())
         captions += inputs.captions
-    part = (torch.cat(images) if images else None, torch.cat(texts) if texts else None, captions)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    if dist.get_rank() != 0:
+    parts = gather_on_rank0((torch.cat(images) if images else None, torch.cat(texts) if texts else None, captions))
+    if parts is None:
         return None
     parts = [p for p in parts if p[2]]
     return retrieval_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
@@ -249,7 +233,6 @@ def gathered_embeddings(model: Any, shard: Any, batch_size: int, device: Any) ->
     """The image embeddings (t=0 crops) and region ids of a whole dataset: each rank embeds its part, rank 0 gets
     them all (others None)."""
     import torch
-    import torch.distributed as dist
 
     features, ids = [], []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -257,9 +240,8 @@ def gathered_embeddings(model: Any, shard: Any, batch_size: int, device: Any) ->
         crops = torch.from_numpy(np.require(inputs.region_views()[:, 0], requirements="W")).to(device)
         features.append(model.embed(crops, inputs.captions)[0].cpu().numpy())
         ids += inputs.region_ids
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (np.concatenate(features) if features else None, ids))
-    if dist.get_rank() != 0:
+    parts = gather_on_rank0((np.concatenate(features) if features else None, ids))
+    if parts is None:
         return None
     parts = [p for p in parts if p[1]]
     return np.concatenate([p[0] for p in parts]), [i for p in parts for i in p[1]]
@@ -282,44 +264,36 @@ def heldout_probe(model: Any, train_shard: Any, val_shard: Any, labels: dict[str
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
-    import ray.train
-    import ray.train.torch
     import torch
 
     from dynrefer.config import DynReferConfig
     from dynrefer.pretraining import ContrastivePretrainer, save_clip, step_texts
     from dynrefer.probe import parse_facets
 
-    setup_logging()
+    worker = Worker.current()
     job = PretrainJob.from_dict(config["job"])
     cfg = DynReferConfig.from_dict(config["model"])
     so = job.storage_options or None
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    checkpoint = ray.train.get_checkpoint()
-    state = saved_train_state(checkpoint) or TrainState(mode="ddp")
-    device = ray.train.torch.get_device()
+    rank, world, device = worker.rank, worker.world, worker.device
+    state = worker.state("ddp")
     torch.manual_seed(job.seed)  # every rank builds the same initial weights
     model = ContrastivePretrainer(cfg.encoder, so, rank, world)
     stepper = DDPStepper(model, device, job, arguments=clip_arguments, state=pretrainer_state)
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            stepper.load(directory)
-        state.resumed_from.append(state.step)
-        log.info("rank %d resumed from step %d", rank, state.step)
+    worker.restore(stepper, state)
     rng = np.random.default_rng([job.seed, rank, state.step])  # which regions show a larger view
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(job.log_dir, purge_step=state.step + 1, flush_secs=10)
-    val = ray.train.get_dataset_shard("val") if config["with_val"] else None
+    writer = worker.writer(job.log_dir, state)
+    val = worker.shard("val") if config["with_val"] else None
     labels = config.get("probe_labels")
-    probe_train = ray.train.get_dataset_shard("probe") if labels is not None else None
+    probe_train = worker.shard("probe") if labels is not None else None
     facets = list(parse_facets(job.probe.facets)) if labels is not None else []
     text_facets = job.text.resolved()
+    last_probe = None if state.step == 0 else state.step  # a fresh run probes before training (probe.every > 0)
 
-    def evaluate(step: int, probe: bool = False) -> dict[str, float]:
+    def evaluate(step: int, final: bool) -> dict[str, float]:
+        nonlocal last_probe
+        probe = probe_train is not None and (final or (job.probe.every > 0 and (
+            last_probe is None or step - last_probe >= job.probe.every)))
+        last_probe = step if probe else last_probe
         scores = heldout_retrieval(stepper.module, val, job.eval.batch_size, device)
         accuracy = (heldout_probe(stepper.module, probe_train, val, labels, facets, job.eval.batch_size, device)
                     if probe else None)
@@ -336,63 +310,26 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         probe_metrics = {f"val_probe_{k}": v for k, v in (accuracy or {}).items()}
         return {**{f"val_{k}": v for k, v in scores.items()}, **probe_metrics}
 
-    if val is not None and state.step == 0:
-        ray.train.report({"step": 0, **evaluate(0, probe=probe_train is not None and job.probe.every > 0)})
-    batches: Iterator[ModelInputs] = iter(())
-    if state.step < job.max_steps:
-        batches = train_batches(ray.train.get_dataset_shard("train"), job, rank)
-    window: list[dict[str, float]] = []
-    micro: list[dict[str, float]] = []
-    kept: list[int] = []  # distinct captions per micro-batch
-    last_eval = last_probe = last_checkpoint = state.step
-    step_start = time.perf_counter()
-    for inputs in batches:
+    def micro_step(inputs: ModelInputs, step: int, micro: int) -> MicroStep:
         # The same generator state on every rank: all ranks write the same facets this step.
         texts = step_texts(inputs.captions, text_facets, job.text.full_caption,
-                           np.random.default_rng([job.seed, 1, state.step, len(micro)]), job.text.weights)
+                           np.random.default_rng([job.seed, 1, step, micro]), job.text.weights)
         crops, captions = distinct_batch(inputs, job.augment.larger, rng, texts)
         losses, stepped = stepper.train_step((crops, captions), device)
-        micro.append({k: float(v) for k, v in losses.items()})
-        kept.append(len(captions))
-        if not stepped:
-            continue
-        state.step += 1
-        samples = int(sum(kept)) * world
-        state.samples += samples
-        mean = all_mean({k: float(np.mean([m[k] for m in micro])) for k in micro[0]}, METRICS)
-        micro, kept = [], []
-        if not all(math.isfinite(v) for v in mean.values()):
-            raise FloatingPointError(f"step {state.step}: non-finite loss {mean}")
-        seconds = time.perf_counter() - step_start
-        metrics = {**mean, "lr": stepper.lr(), "batch": samples, "samples_per_s": samples / seconds}
-        window.append(metrics)
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(f"train/{key}", value, state.step)
-        final = state.step >= job.max_steps
-        report: dict[str, Any] = {}
-        if val is not None and ((job.eval.every > 0 and state.step - last_eval >= job.eval.every) or final):
-            probe = probe_train is not None and (final or (job.probe.every > 0
-                                                           and state.step - last_probe >= job.probe.every))
-            report.update(evaluate(state.step, probe))
-            last_eval = state.step
-            last_probe = state.step if probe else last_probe
-        save = state.step - last_checkpoint >= job.checkpoint_every or final
-        if state.step % job.log_every == 0 or save:
-            report.update({k: float(np.mean([m[k] for m in window])) for k in window[-1]})
-            report.update(step=state.step, samples=state.samples)
-            window = []
-            if rank == 0:
-                log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in report.items()})
-        if save:
-            write_checkpoint(stepper, state, cfg, report, rank, writer)
-            last_checkpoint = state.step
-            inject_fault(job.fault, rank, state.step)
-        elif report:
-            ray.train.report(report)
-        if final:
-            break
-        step_start = time.perf_counter()
+        return MicroStep(losses, stepped, len(captions) * world)
+
+    batches: Iterator[ModelInputs] = iter(())
+    if state.step < job.max_steps:
+        batches = train_batches(worker.shard("train"), job, rank)
+    hooks = LoopHooks(
+        micro_step=micro_step, report=worker.report,
+        checkpoint=worker.checkpointer(stepper, state, cfg, job.fault, writer),
+        reduce=lambda mean: all_mean(mean, METRICS),
+        step_metrics=lambda mean, samples, seconds: {**mean, "lr": stepper.lr(), "batch": samples,
+                                                     "samples_per_s": samples / seconds},
+        evaluate=evaluate if val is not None else None, on_step=scalar_logger(writer))
+    run_loop(batches, state, Cadence(job.max_steps, job.log_every, job.checkpoint_every, job.eval.every), hooks,
+             rank, evaluate_first=state.step == 0)
     if rank == 0:
         save_clip(stepper.module.clip, job.export_uri, so)
         log.info("open_clip checkpoint written to %s", job.export_uri)
@@ -406,27 +343,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynrefer pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML under configs/pretrain/")
     p.add_argument("--prepared", nargs="+", help="prepare-stage output directories (override data.prepared)")
-    p.add_argument("--storage-path", help="checkpoint root, local or s3://")
-    p.add_argument("--name", help="run name (the same storage path and name resume)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--workers", type=int, help="number of training workers")
-    p.add_argument("--export", help="where to write the open_clip checkpoint (.safetensors or .pt)")
-    add_ray_args(p)
-    add_storage_args(p)
+    add_run_args(p, "where to write the open_clip checkpoint (.safetensors or .pt)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging()
-    job = PretrainJob.from_yaml(
-        args.config, **{"data.prepared": args.prepared, "storage_path": args.storage_path, "name": args.name,
-                        "max_steps": args.max_steps, "workers.num": args.workers, "export": args.export,
-                        "storage_options": storage_options_from_args(args) or None})
-    init_ray(args, worker_logs=True)
-    summary = run(job)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    job = PretrainJob.from_yaml(args.config, **run_overrides(args), **{"data.prepared": args.prepared})
+    return launch(args, run, job)
 
 
 if __name__ == "__main__":

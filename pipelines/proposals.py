@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pyarrow as pa
 
 from dynrefer import storage
-from dynrefer.config import _build, merge
+from dynrefer.config import merge
 from dynrefer.datasets import read_visual_genome
 from dynrefer.proposals import (
     REGION_LABEL,
@@ -42,25 +39,9 @@ from dynrefer.proposals import (
     load_training_example,
     recall,
 )
-from pipelines.args import (
-    absolute,
-    add_ray_args,
-    add_storage_args,
-    init_ray,
-    read_job_file,
-    setup_logging,
-    storage_options_from_args,
-)
-from pipelines.train import (
-    FaultSection,
-    TrainState,
-    WorkerSection,
-    all_mean,
-    inject_fault,
-    saved_train_state,
-    trainer_settings,
-    write_checkpoint,
-)
+from pipelines.args import absolute, add_run_args, launch, run_overrides
+from pipelines.ray_training import TrainerJob, TrainState, Worker, all_mean, fit
+from pipelines.training_loop import Cadence, LoopHooks, MicroStep, epochs, run_loop
 
 log = logging.getLogger("dynrefer.proposals")
 
@@ -91,58 +72,32 @@ class RecallSection:
 
 
 @dataclass
-class ProposalJob:
+class ProposalJob(TrainerJob):
     """Everything a proposal training run needs; a YAML file ``configs/proposals/train_*.yaml`` gives these keys.
 
     The optimiser, schedule, flips, seed and the global batch (split over the workers) are the model config's
     ``train`` section, as in ``proposals.fit``.
     """
 
+    KIND: ClassVar[str] = "proposal training config"
+
     model: str = "tiny"  # configs/proposals/<name>.yaml or a path
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the model config
     corpus: CorpusSection = field(default_factory=CorpusSection)
     max_steps: int = 100
-    workers: WorkerSection = field(default_factory=WorkerSection)
-    log_every: int = 10
     checkpoint_every: int = 50
-    keep_checkpoints: int = 2
     eval: RecallSection = field(default_factory=RecallSection)
-    storage_path: str = "runs"  # local directory or s3:// prefix for checkpoints and the export
     name: str = "proposals"  # run name: the same storage_path and name resume
-    max_failures: int = 2
-    export: str | None = None  # default: <storage_path>/<name>/export
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    fault: FaultSection = field(default_factory=FaultSection)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "proposal training config") -> Self:
-        return _build(cls, data, where)
-
-    @classmethod
-    def from_yaml(cls, path: str, **overrides: Any) -> Self:
-        return cls.from_dict(read_job_file(path, overrides), path)
 
     def absolute(self) -> Self:
-        """Local paths made absolute, so that workers with another working directory find them."""
-        return dataclasses.replace(self, corpus=dataclasses.replace(self.corpus, root=absolute(self.corpus.root)),
-                                   storage_path=absolute(self.storage_path), export=absolute(self.export))
+        return dataclasses.replace(super().absolute(),
+                                   corpus=dataclasses.replace(self.corpus, root=absolute(self.corpus.root)))
 
     def validate(self) -> None:
         if not self.corpus.root:
             raise ValueError("corpus.root: give a Visual-Genome-layout corpus (e.g. the output of `dynrefer synth`)")
-        for name in ("max_steps", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        super().validate()
         if not 0 < self.eval.iou <= 1:
             raise ValueError(f"eval.iou must be in (0, 1], got {self.eval.iou}")
-
-    @property
-    def run_uri(self) -> str:
-        return storage.join(self.storage_path, self.name)
-
-    @property
-    def export_uri(self) -> str:
-        return self.export or storage.join(self.run_uri, "export")
 
 
 @dataclass
@@ -222,9 +177,6 @@ def example_dataset(rows: list[dict[str, Any]], cfg: ProposalConfig, corpus: Cor
 
 def run(job: ProposalJob) -> dict[str, Any]:
     """Train on the connected Ray cluster; returns a summary (metrics, recall before/after, checkpoint, export)."""
-    from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
-
     job.validate()
     job = job.absolute()
     so = job.storage_options or None
@@ -250,17 +202,12 @@ def run(job: ProposalJob) -> dict[str, Any]:
     log.info("%d train images (%.1f epochs of %d steps of %d), %d held out, %s", len(train_rows),
              job.max_steps * cfg.train.batch_size / len(train_rows), job.max_steps, cfg.train.batch_size,
              len(val_rows), cfg.architecture)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"job": dataclasses.asdict(job), "model": cfg.to_dict(),
-                                       "with_val": "val" in data},
-        datasets=data, dataset_config=DataConfig(), **trainer_settings(job))
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    checkpoint = storage.join(job.run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
-    return {"metrics": metrics, "recall_before": metrics.get("val_recall_initial"),
-            "recall_after": metrics.get("val_recall"), "images_per_s": metrics.get("images_per_s"),
-            "train_images": len(train_rows), "val_images": len(val_rows), "errors": len(errors),
-            "checkpoint": checkpoint, "export": job.export_uri, "run": job.run_uri}
+    summary = fit(job, train_loop, {"job": dataclasses.asdict(job), "model": cfg.to_dict(), "with_val": "val" in data},
+                  data)
+    metrics = summary["metrics"]
+    return {**summary, "recall_before": metrics.get("val_recall_initial"), "recall_after": metrics.get("val_recall"),
+            "images_per_s": metrics.get("images_per_s"), "train_images": len(train_rows),
+            "val_images": len(val_rows), "errors": len(errors)}
 
 
 # --- the workers --------------------------------------------------------------------------------------------------
@@ -288,22 +235,6 @@ class ProposalCheckpoint:
         self.model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE), device=str(device)))
         self.optimizer.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location=device,
                                                   weights_only=True))
-
-
-def example_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, rank: int
-                    ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches without end: one Ray Data epoch after another, each locally shuffled with its own seed."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=shuffle_buffer or None,
-                                        local_shuffle_seed=seed * 1_000_003 + rank * 1_009 + epoch):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError(f"an epoch gave rank {rank} no full batch of {batch_size} images: too few train images")
-        epoch += 1
 
 
 def as_examples(batch: dict[str, np.ndarray]) -> list[tuple[Any, dict[str, Any]]]:
@@ -349,7 +280,6 @@ def held_out_recall(model: Any, cfg: ProposalConfig, shard: Any, job: ProposalJo
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
     import ray.train.torch
     import torch
 
@@ -360,86 +290,51 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer_step,
     )
 
-    setup_logging()
+    worker = Worker.current()
     job = ProposalJob.from_dict(config["job"])
     cfg = ProposalConfig.from_dict(config["model"])
     so = job.storage_options or None
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    checkpoint = ray.train.get_checkpoint()
-    state = saved_train_state(checkpoint, ProposalState) or ProposalState(mode="ddp")
-    device = ray.train.torch.get_device()
+    rank, world, device = worker.rank, worker.world, worker.device
+    state = worker.state("ddp", ProposalState)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = build_proposer(cfg, so).to(device)
     optimizer = build_optimizer(model, cfg.train)
     saver = ProposalCheckpoint(model, optimizer, rank)
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            saver.load(directory)
-        state.resumed_from.append(state.step)
-        log.info("rank %d resumed from step %d", rank, state.step)
+    worker.restore(saver, state)
     ddp = ray.train.torch.prepare_model(model)
     rng = np.random.default_rng([cfg.train.seed, rank, state.step])  # flips
-    val = ray.train.get_dataset_shard("val") if config["with_val"] else None
+    val = worker.shard("val") if config["with_val"] else None
 
-    def evaluate(report: dict[str, Any]) -> None:
+    def evaluate(step: int, final: bool) -> dict[str, Any]:
         value = held_out_recall(model, cfg, val, job, device)
-        state.recall[str(state.step)] = value
-        report["val_recall"] = value
+        state.recall[str(step)] = value
         if rank == 0:
-            log.info("step %d: held-out recall@%d (IoU %.2f) %.4f", state.step, cfg.max_detections, job.eval.iou,
-                     value)
+            log.info("step %d: held-out recall@%d (IoU %.2f) %.4f", step, cfg.max_detections, job.eval.iou, value)
+        return {"val_recall": value}
 
-    initial: dict[str, Any] = {}
-    if val is not None and not state.recall:  # before training (a resumed run has its start's recall)
-        evaluate(initial)
-    per_worker = cfg.train.batch_size // world
-    batches = example_batches(ray.train.get_dataset_shard("train"), per_worker, job.corpus.shuffle_buffer,
-                              cfg.train.seed, rank) if state.step < job.max_steps else iter(())
-    window: list[dict[str, float]] = []
-    first_step, last_checkpoint, last_eval = state.step, state.step, state.step
-    timed_seconds, timed_images = 0.0, 0  # throughput after two warm-up steps of this attempt
-    step_start = time.perf_counter()
-    for batch in batches:
+    def micro_step(batch: dict[str, np.ndarray], step: int, micro: int) -> MicroStep:
         examples = [augment(image, target, rng, cfg.train, device) for image, target in as_examples(batch)]
-        losses = optimizer_step(ddp, optimizer, [e[0] for e in examples], [e[1] for e in examples], state.step,
+        losses = optimizer_step(ddp, optimizer, [e[0] for e in examples], [e[1] for e in examples], step,
                                 job.max_steps, cfg.train)
-        state.step += 1
-        state.samples += cfg.train.batch_size
-        mean = all_mean(losses, tuple(sorted(losses)))
-        if not all(math.isfinite(v) for v in mean.values()):
-            raise FloatingPointError(f"step {state.step}: non-finite loss {mean}")
-        state.losses.append(mean["loss"])
-        now = time.perf_counter()
-        if state.step > first_step + 2:
-            timed_seconds, timed_images = timed_seconds + now - step_start, timed_images + cfg.train.batch_size
-        window.append(mean)
-        final = state.step >= job.max_steps
-        report: dict[str, Any] = dict(initial)
-        initial = {}
-        if val is not None and ((job.eval.every > 0 and state.step - last_eval >= job.eval.every) or final):
-            evaluate(report)
-            last_eval = state.step
-        save = state.step - last_checkpoint >= job.checkpoint_every or final
-        if state.step % job.log_every == 0 or save:
-            report.update({k: float(np.mean([w[k] for w in window])) for k in window[-1]})
-            report.update(step=state.step, samples=state.samples, lr=optimizer.param_groups[0]["lr"])
-            if timed_images:
-                report["images_per_s"] = timed_images / timed_seconds
-            window = []
-            if rank == 0:
-                log.info("step %d: %s", state.step, {k: round(v, 4) for k, v in report.items()})
-        if report and "0" in state.recall:
-            report["val_recall_initial"] = state.recall["0"]
-        if save:
-            write_checkpoint(saver, state, cfg, report, rank, None)
-            last_checkpoint = state.step
-            inject_fault(job.fault, rank, state.step)
-        elif report:
-            ray.train.report(report)
-        if final:
-            break
-        step_start = time.perf_counter()  # evaluation and checkpoints do not count as step time
+        return MicroStep(losses, True, cfg.train.batch_size)
+
+    def report_extras() -> dict[str, Any]:
+        """The current lr, and the recall before training (a resumed run has it from its checkpoint)."""
+        extras: dict[str, Any] = {"lr": optimizer.param_groups[0]["lr"]}
+        if "0" in state.recall:
+            extras["val_recall_initial"] = state.recall["0"]
+        return extras
+
+    batches: Iterable[dict[str, np.ndarray]] = iter(())
+    if state.step < job.max_steps:
+        batches = epochs(worker.shard("train"), cfg.train.batch_size // world, job.corpus.shuffle_buffer,
+                         cfg.train.seed, rank, unit="images")
+    hooks = LoopHooks(
+        micro_step=micro_step, report=worker.report, checkpoint=worker.checkpointer(saver, state, cfg, job.fault),
+        reduce=lambda mean: all_mean(mean, tuple(sorted(mean))), evaluate=evaluate if val is not None else None,
+        report_extras=report_extras, on_step=lambda step, metrics: state.losses.append(metrics["loss"]))
+    run_loop(batches, state, Cadence(job.max_steps, job.log_every, job.checkpoint_every, job.eval.every,
+                                     "images_per_s"), hooks, rank, evaluate_first=not state.recall)
     if rank == 0:
         Proposer(model, cfg, device).save(job.export_uri, so)
         log.info("exported the proposer to %s", job.export_uri)
@@ -451,29 +346,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynrefer proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML: configs/proposals/train_*.yaml")
     p.add_argument("--corpus", help="Visual-Genome-layout root, local or s3:// (overrides corpus.root)")
-    p.add_argument("--storage-path", help="checkpoint and export root, local or s3://")
-    p.add_argument("--name", help="run name (the same storage path and name resume)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--workers", type=int, help="number of training workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--export", help="where to write the exported proposer")
-    add_ray_args(p)
-    add_storage_args(p)
+    add_run_args(p, "where to write the exported proposer")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging()
-    job = ProposalJob.from_yaml(
-        args.config, **{"corpus.root": args.corpus, "storage_path": args.storage_path, "name": args.name,
-                        "max_steps": args.max_steps, "workers.num": args.workers,
-                        "workers.use_gpu": True if args.gpu else None, "export": args.export,
-                        "storage_options": storage_options_from_args(args) or None})
-    init_ray(args, worker_logs=True)
-    summary = run(job)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    job = ProposalJob.from_yaml(args.config, **run_overrides(args), **{
+        "corpus.root": args.corpus, "workers.use_gpu": True if args.gpu else None})
+    return launch(args, run, job)
 
 
 if __name__ == "__main__":

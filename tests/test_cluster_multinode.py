@@ -28,6 +28,8 @@ import ray
 from dynrefer import storage, synth
 from dynrefer.preprocess import PrepareConfig
 from pipelines import caption, prepare, train
+from pipelines.ray_training import WorkerSection
+from pipelines.train_job import DataSection, EvalSection, TrainJob
 
 cfg = json.loads(sys.argv[1])
 so, base = cfg["storage_options"], cfg["base"]
@@ -39,11 +41,11 @@ synth.write_corpus(f"{base}/vg", 12, seed=3, storage_options=so, progress=False,
 prep = prepare.run(prepare.PrepareJob(dataset="vg", root=f"{base}/vg", out=f"{base}/prepared", images_per_shard=3,
                                       prepare=PrepareConfig(view_size=64), storage_options=so), progress=False)
 
-job = train.TrainJob(
-    model="tiny", data=train.DataSection(prepared=[f"{base}/prepared"], shuffle_buffer=0, deterministic=True,
-                                         decode_workers=1, decode_batch=16, decode_cpus=0.2, read_cpus=0.1),
+job = TrainJob(
+    model="tiny", data=DataSection(prepared=[f"{base}/prepared"], shuffle_buffer=0, deterministic=True,
+                                   decode_workers=1, decode_batch=16, decode_cpus=0.2, read_cpus=0.1),
     ddp=True, batch_size=4, max_steps=3, seed=0, log_every=1, checkpoint_every=3, keep_checkpoints=1,
-    workers=train.WorkerSection(num=2, cpus=2.0), eval=train.EvalSection(every=-1),
+    workers=WorkerSection(num=2, cpus=2.0), eval=EvalSection(every=-1),
     storage_path=f"{base}/runs", name="multinode", max_failures=1, storage_options=so,
     model_overrides={"language": {"max_new_tokens": 4, "num_beams": 1}})
 trained = train.run(job)

@@ -20,8 +20,8 @@ from dynrefer.pretraining import (ContrastivePretrainer, caption_facets, caption
                                   facet_text, pick_crops, retrieval_scores, save_clip, step_texts,
                                   synthetic_text_facets)
 from pipelines.pretrain import AugmentSection, PretrainJob, ProbeSection, TextSection, stage_settings  # noqa: E402
-from pipelines.train import (EvalSection, OptimizerSection, PreparedData, ScheduleSection, TrainJob,  # noqa: E402
-                             WorkerSection)
+from pipelines.ray_training import WorkerSection  # noqa: E402
+from pipelines.train_job import EvalSection, OptimizerSection, PreparedData, ScheduleSection, TrainJob  # noqa: E402
 
 
 def tiny_encoder():

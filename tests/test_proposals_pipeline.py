@@ -32,7 +32,7 @@ from pipelines.proposals import (
     proposal_config,
     shard_recall,
 )
-from pipelines.train import WorkerSection
+from pipelines.ray_training import WorkerSection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The tiny detector at a size where a step costs little: these tests are about plumbing, test_proposals about

@@ -22,8 +22,10 @@ from dynrefer import datasets, storage  # noqa: E402
 from dynrefer.config import merge  # noqa: E402
 from dynrefer.preprocess import PrepareConfig  # noqa: E402
 from pipelines.prepare import PrepareJob, prepare_shard, summarize  # noqa: E402
-from pipelines.train import (DataSection, EvalSection, FaultSection, OptimizerSection, ScheduleSection,  # noqa: E402
-                             TrainJob, WorkerSection, caption_words, deepspeed_config)
+from pipelines.ray_training import FaultSection, WorkerSection  # noqa: E402
+from pipelines.steppers import deepspeed_config  # noqa: E402
+from pipelines.train_data import caption_words  # noqa: E402
+from pipelines.train_job import DataSection, EvalSection, OptimizerSection, ScheduleSection, TrainJob  # noqa: E402
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -137,7 +139,7 @@ def test_lavis_epoch_cosine_schedule_steps_once_per_epoch_on_both_engines():
     """epoch_cosine (the official schedule): epoch 0 at the base lr, then (1 + cos(pi e / E)) / 2 per epoch."""
     import torch
 
-    from pipelines.train import lr_scheduler
+    from pipelines.steppers import lr_scheduler
 
     job = TrainJob(optimizer=OptimizerSection(lr=1e-4), max_steps=20,
                    schedule=ScheduleSection(type="epoch_cosine", steps_per_epoch=4, epochs=5))
@@ -275,7 +277,10 @@ def parity_loop(config):
 
     from dynrefer.checkpoint import saved_state
     from dynrefer.config import DynReferConfig
-    from pipelines.train import LOSSES, all_mean, build_model, build_stepper, tensors, train_batches
+    from pipelines.ray_training import all_mean
+    from pipelines.steppers import build_stepper, tensors
+    from pipelines.train import LOSSES, build_model
+    from pipelines.train_data import train_batches
 
     job = TrainJob.from_dict(config["job"])
     cfg = DynReferConfig.from_dict(config["model"])
