@@ -66,6 +66,9 @@ class QFormerConfig:
     dropout: float = 0.1
     path: str | None = None  # BLIP-2 Hugging Face directory to initialise from (keys "qformer.*", "query_tokens")
     freeze_queries: bool = True  # the official code trains the Q-former but keeps BLIP-2's query tokens frozen
+    # Std of the Q-former's weights at random init (BLIP-2's 0.02; loaded weights replace them). A Q-former trained
+    # from scratch at 0.02 passes ~1% of its input through its cross-attention at first.
+    initializer_range: float = 0.02
 
 
 @dataclass

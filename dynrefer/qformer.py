@@ -32,7 +32,7 @@ class QFormer(nn.Module):
             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             intermediate_size=cfg.intermediate_size, cross_attention_frequency=cfg.cross_attention_frequency,
             encoder_hidden_size=encoder_dim, hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, initializer_range=cfg.initializer_range,
         )
         self.qformer = Blip2QFormerModel(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.hidden_size),
