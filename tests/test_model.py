@@ -201,6 +201,19 @@ def test_grid_positions_let_the_qformer_tell_a_region_from_its_mirror_image():
     assert ratio["sincos"] > 5e-3
 
 
+@pytest.mark.parametrize("std", [0.02, 0.2])
+def test_qformer_random_init_follows_initializer_range(std):
+    from dynrefer.config import QFormerConfig
+    from dynrefer.qformer import QFormer
+
+    torch.manual_seed(0)
+    q = QFormer(QFormerConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
+                              cross_attention_frequency=1, initializer_range=std), encoder_dim=128)
+    for name, p in q.qformer.named_parameters():
+        if name.endswith("weight") and p.ndim == 2:
+            assert float(p.std()) == pytest.approx(std, rel=0.1), name
+
+
 def test_grid_positions_reject_unknown_kinds():
     cfg = tiny_config()
     cfg.encoder.grid_positions = "learned"
