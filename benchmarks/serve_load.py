@@ -167,6 +167,9 @@ class MemorySampler:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
+    def replicas(self) -> dict[str, int]:
+        return {name: len(procs) for name, procs in self.procs.items()}
+
     def now(self) -> dict[str, int]:
         rss = {name: sum(p.memory_info().rss for p in procs) for name, procs in self.procs.items()}
         return {"Preprocess": rss["Preprocess"], "all": sum(rss.values())}
@@ -215,7 +218,7 @@ def burst(url: str, ctype: str, body: bytes, requests: int, timeout: float = 120
     pct = (lambda q: ok[min(len(ok) - 1, int(q * len(ok)))]) if ok else (lambda q: float("nan"))
     return {"requests": requests, "answered": len(ok), "shed": len(shed),
             "failed": requests - len(ok) - len(shed), "p50_s": pct(0.5), "p99_s": pct(0.99),
-            "slowest_503_s": max(shed, default=float("nan")),
+            "slowest_503_s": max(shed, default=float("nan")), "replicas": memory.replicas(),
             "preprocess_mb": {"start": memory.start["Preprocess"] / 2 ** 20,
                               "peak": memory.peak["Preprocess"] / 2 ** 20, "final": final["Preprocess"] / 2 ** 20},
             "all_mb": {"start": memory.start["all"] / 2 ** 20, "peak": memory.peak["all"] / 2 ** 20,
@@ -226,7 +229,8 @@ def print_burst(what: str, row: dict) -> None:
     p, a = row["preprocess_mb"], row["all_mb"]
     print(f"{what}: {row['requests']} at once: answered {row['answered']}, shed {row['shed']} (503 + Retry-After), "
           f"failed {row['failed']}; answered p50 {row['p50_s']:.1f} s, p99 {row['p99_s']:.1f} s; slowest 503 "
-          f"{row['slowest_503_s']:.2f} s; Preprocess RSS {p['start']:.0f} -> peak {p['peak']:.0f} -> "
+          f"{row['slowest_503_s']:.2f} s; Preprocess RSS ({row['replicas']['Preprocess']} replicas) {p['start']:.0f} "
+          f"-> peak {p['peak']:.0f} -> "
           f"{p['final']:.0f} MB; all replicas {a['start']:.0f} -> peak {a['peak']:.0f} -> {a['final']:.0f} MB")
 
 
