@@ -201,16 +201,18 @@ class Ingress:
     async def healthz(self, request: Request) -> Response:
         async def check(request_id: str) -> Response:
             wait = retry_after(self.cfg.limits.retry_after_s)
+            failure = None
             try:
                 await asyncio.gather(bounded(self.predictor.ready.remote(), 10.0, "model health check"),
                                      bounded(self.preprocess.ready.remote(), 10.0, "preprocess health check"))
             except Exception as e:  # noqa: BLE001 - any failure to answer means unhealthy
                 log.warning("health check %s failed: %s", request_id, e)
-                code = e.error if isinstance(e, RequestError) else ""
-                if code != "replica_lost":  # a lost replica is reported below, with Serve's view of it
-                    return JSONResponse({"status": "overloaded" if code == "overloaded" else "unavailable",
-                                         "request_id": request_id}, status_code=503, headers=wait)
-                self.lost_at = time.monotonic()
+                failure = e.error if isinstance(e, RequestError) else "unavailable"
+                if failure not in ("replica_lost", "overloaded"):  # those two are weighed with Serve's view below
+                    return JSONResponse({"status": "unavailable", "request_id": request_id}, status_code=503,
+                                        headers=wait)
+                if failure == "replica_lost":
+                    self.lost_at = time.monotonic()
             degraded = await deployment_health()
             lost_s_ago = time.monotonic() - self.lost_at
             if lost_s_ago < self.lost_grace_s:
@@ -220,6 +222,9 @@ class Ingress:
                 log.warning("health check %s: degraded: %s", request_id, degraded)
                 return JSONResponse({"status": "degraded", "deployments": degraded, "request_id": request_id},
                                     status_code=503, headers=wait)
+            if failure == "overloaded":
+                return JSONResponse({"status": "overloaded", "request_id": request_id}, status_code=503,
+                                    headers=wait)
             return JSONResponse({"status": "ok"})
 
         return await guarded(check, request_id(request))
