@@ -17,8 +17,16 @@ request and how long Serve took to run a replacement. The exit code is 1 if no r
 request hung (no answer within its 120 s client timeout) or more requests failed than there are clients (only
 those under way on the killed replica may).
 
+With --burst N it runs a burst instead: N requests at once (--boxes boxes each, the 640x480 JPEG) against the
+shipped queue bounds (configs/serve/local.yaml's deployment settings), then with --big-images M a burst of M
+6300x6300 PNGs (8 MB each, multipart, four boxes of 1000+ px); it prints, per burst, requests answered (200),
+shed (503 with Retry-After), other failures, p50/p99 of the answered and the slowest 503, and the peak and final
+resident memory of the Preprocess replica and of all replicas (sampled every 0.1 s; final: 5 s after the burst).
+The exit code is 1 if any request failed otherwise or got no answer within its client timeout.
+
     .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--boxes 2] [--modes on,off] [--routes regions,chat]
     .venv/bin/python benchmarks/serve_load.py --kill-replica
+    .venv/bin/python benchmarks/serve_load.py --burst 200 --boxes 100 --big-images 16
 """
 
 import argparse
@@ -64,7 +72,7 @@ def request_body(boxes: int, route: str = "regions") -> bytes:
     ImageDraw.Draw(img).ellipse([200, 120, 440, 360], fill=(40, 90, 230))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=90)
-    regions = [[40 + 60 * i, 40 + 30 * i, 240 + 60 * i, 300 + 30 * i] for i in range(boxes)]
+    regions = [[40 + 60 * j, 40 + 30 * j, 240 + 60 * j, 300 + 30 * j] for j in (i % 8 for i in range(boxes))]
     image = base64.b64encode(out.getvalue()).decode()
     if route == "chat":
         content = [{"type": "text", "text": "Describe the regions."},
@@ -89,6 +97,140 @@ def app_args(model: str, batching: bool, min_predictors: int = 1) -> dict:
                            "autoscaling": {**scaling, "target_ongoing_requests": 4}},
             "predictor": {"num_cpus": 0.5, "max_ongoing_requests": 16,
                           "autoscaling": {**scaling, "target_ongoing_requests": 4, "min_replicas": min_predictors}}}
+
+
+def known_args(args: dict, config_class: type | None = None) -> dict:
+    """``args`` without the keys this checkout's ServeConfig lacks, so that one benchmark measures older versions
+    of the app too (``PYTHONPATH=<old checkout>``)."""
+    import dataclasses
+    import typing
+
+    from pipelines.serve import ServeConfig
+
+    cls = config_class or ServeConfig
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in args:
+            value, kind = args[f.name], hints[f.name]
+            out[f.name] = known_args(value, kind) if isinstance(value, dict) and dataclasses.is_dataclass(kind) \
+                else value
+    return out
+
+
+def burst_args(model: str) -> dict:
+    """The shipped local config's deployment settings (its queue bounds, two model replicas), this model."""
+    from pipelines.serve import read_serve_file
+
+    (app,) = read_serve_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "serve",
+                                          "local.yaml"))["applications"]
+    return known_args({**app["args"], "model": model, "proposals": None})
+
+
+def big_image_body(boxes: int = 4) -> tuple[str, bytes]:
+    """(Content-Type, multipart body) of a 6300x6300 PNG (39.7 Mpx, under the 40 Mpx limit) and its boxes."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    width = 6300
+    rng = np.random.default_rng(0)
+    img = Image.new("RGB", (width, width), (90, 140, 60))
+    draw = ImageDraw.Draw(img)
+    for _ in range(60):
+        x, y = (int(v) for v in rng.integers(0, width - 1500, 2))
+        draw.ellipse([x, y, x + int(rng.integers(200, 1500)), y + int(rng.integers(200, 1500))],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    img.paste(Image.fromarray(rng.integers(0, 255, (400, width, 3), dtype=np.uint8)), (0, 3000))
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=1)
+    regions = [[300 + 1400 * i, 200 + 1300 * i, 1500 + 1400 * i, 1400 + 1300 * i] for i in range(boxes)]
+    boundary = "dynrefer-bench"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + out.getvalue() + (
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="boxes"\r\n\r\n{json.dumps(regions)}\r\n'
+        f"--{boundary}--\r\n").encode()
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+class MemorySampler:
+    """Peak resident memory of the app's replica processes, sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 0.1):
+        from pipelines.serve import replica_processes
+
+        import psutil
+
+        self.procs = {name: [psutil.Process(pid) for pid in replica_processes(APP, name).values()]
+                      for name in ("Ingress", "Preprocess", "Predictor")}
+        self.interval_s, self.peak = interval_s, {"Preprocess": 0, "all": 0}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def replicas(self) -> dict[str, int]:
+        return {name: len(procs) for name, procs in self.procs.items()}
+
+    def now(self) -> dict[str, int]:
+        rss = {name: sum(p.memory_info().rss for p in procs) for name, procs in self.procs.items()}
+        return {"Preprocess": rss["Preprocess"], "all": sum(rss.values())}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for k, v in self.now().items():
+                    self.peak[k] = max(self.peak[k], v)
+            except Exception:  # noqa: BLE001 - a replica may be restarting; sample again
+                pass
+            self.stop.wait(self.interval_s)
+
+    def __enter__(self) -> "MemorySampler":
+        self.start = self.now()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def burst(url: str, ctype: str, body: bytes, requests: int, timeout: float = 120.0) -> dict:
+    """``requests`` requests sent at once: what was answered, shed, and the replicas' memory."""
+    def one(_) -> tuple[int, float, str | None]:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                r.read()
+                return r.status, time.perf_counter() - start, None
+        except urllib.error.HTTPError as e:
+            e.read()
+            return e.code, time.perf_counter() - start, e.headers.get("Retry-After")
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            return 0, time.perf_counter() - start, None
+
+    with MemorySampler() as memory:
+        with ThreadPoolExecutor(requests) as pool:
+            results = list(pool.map(one, range(requests)))
+        time.sleep(5)
+        final = memory.now()
+    ok = sorted(s for st, s, _ in results if st == 200)
+    shed = [s for st, s, retry in results if st == 503 and retry is not None]
+    pct = (lambda q: ok[min(len(ok) - 1, int(q * len(ok)))]) if ok else (lambda q: float("nan"))
+    return {"requests": requests, "answered": len(ok), "shed": len(shed),
+            "failed": requests - len(ok) - len(shed), "p50_s": pct(0.5), "p99_s": pct(0.99),
+            "slowest_503_s": max(shed, default=float("nan")), "replicas": memory.replicas(),
+            "preprocess_mb": {"start": memory.start["Preprocess"] / 2 ** 20,
+                              "peak": memory.peak["Preprocess"] / 2 ** 20, "final": final["Preprocess"] / 2 ** 20},
+            "all_mb": {"start": memory.start["all"] / 2 ** 20, "peak": memory.peak["all"] / 2 ** 20,
+                       "final": final["all"] / 2 ** 20}}
+
+
+def print_burst(what: str, row: dict) -> None:
+    p, a = row["preprocess_mb"], row["all_mb"]
+    print(f"{what}: {row['requests']} at once: answered {row['answered']}, shed {row['shed']} (503 + Retry-After), "
+          f"failed {row['failed']}; answered p50 {row['p50_s']:.1f} s, p99 {row['p99_s']:.1f} s; slowest 503 "
+          f"{row['slowest_503_s']:.2f} s; Preprocess RSS ({row['replicas']['Preprocess']} replicas) {p['start']:.0f} "
+          f"-> peak {p['peak']:.0f} -> "
+          f"{p['final']:.0f} MB; all replicas {a['start']:.0f} -> peak {a['peak']:.0f} -> {a['final']:.0f} MB")
 
 
 class ReplicaPoller:
@@ -226,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routes", default="regions,chat", help="routes to load: regions, chat (in this order)")
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     p.add_argument("--kill-replica", action="store_true", help="instead: kill one of two model replicas under load")
+    p.add_argument("--burst", type=int, default=0, help="instead: this many requests at once (then --big-images)")
+    p.add_argument("--big-images", type=int, default=0, help="with --burst: then this many 6300x6300 PNGs at once")
     args = p.parse_args(argv)
 
     import ray
@@ -256,6 +400,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 150})
             poller = ReplicaPoller()
+            if args.burst:
+                serve.run(app_builder(burst_args(model)), name=APP, route_prefix="/")
+                for _ in range(3):
+                    post(url, body)
+                rows = [("small JPEG", burst(url, "application/json", body, args.burst))]
+                print_burst(*rows[0])
+                if args.big_images:
+                    rows.append(("6300x6300 PNG", burst(url, *big_image_body(), args.big_images)))
+                    print_burst(*rows[1])
+                print(json.dumps(dict(rows)))
+                return int(any(r["failed"] for _, r in rows))
             if args.kill_replica:
                 serve.run(app_builder(app_args(model, True, min_predictors=2)), name=APP, route_prefix="/")
                 for _ in range(5):

@@ -21,11 +21,15 @@ Choices worth knowing:
 * ICC profiles are not applied; CMYK uses Pillow's plain conversion.
 * Only :data:`FORMATS` are tried: the formats image datasets use, and none whose plugin runs an external
   program (Pillow's EPS reader would start Ghostscript on untrusted bytes).
+* :func:`decode_reduced` decodes at 1/``factor`` of the size when the caller needs no more (a server's views
+  of a 40 Mpx photo need a fraction of its pixels): JPEGs by DCT scaling (``draft``), so the full-size pixels
+  never exist; other formats are decoded, then box-averaged (``Image.reduce``) before any conversion copies them.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -90,11 +94,8 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = 64_000_000, name: str = "image") -> Image.Image:
-    """Decode ``data`` into a loaded RGB image, upright per EXIF; raise :class:`ImageError` otherwise.
-
-    ``name`` (a file name or URI) prefixes every error message.
-    """
+def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
+    """The image's header, opened and checked (format, size, pixel limit), before any pixel is decoded."""
     if not data:
         raise ImageError("empty", f"{name}: no image data (0 bytes)")
     try:
@@ -115,17 +116,101 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, name: str = "image")
         raise ImageError(
             "too_large", f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit}"
         )
+    return img
+
+
+def _load(img: Image.Image, name: str) -> None:
     try:
         img.load()
     except Image.DecompressionBombError as e:
         raise ImageError("too_large", f"{name}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise _load_error(name, e) from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
     try:
-        upright = ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError):
-        upright = img
-    return to_rgb(upright, name)
+        return img
+
+
+#: EXIF orientation -> the transposition that makes the image upright (as ``ImageOps.exif_transpose``).
+_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+#: EXIF orientations that swap width and height.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def probe_size(data: bytes, max_pixels: int = 64_000_000, name: str = "image") -> tuple[int, int]:
+    """(width, height) of the upright image from its header alone, checked as :func:`decode_image` checks it:
+    boxes can be validated, and a reduction chosen, before any pixel is decoded."""
+    img = _open(data, max_pixels, name)
+    width, height = img.size
+    return (height, width) if _orientation(img) in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000, name: str = "image") -> Image.Image:
+    """Decode ``data`` into a loaded RGB image, upright per EXIF; raise :class:`ImageError` otherwise.
+
+    ``name`` (a file name or URI) prefixes every error message.
+    """
+    img = _open(data, max_pixels, name)
+    _load(img, name)
+    return to_rgb(_upright(img), name)
+
+
+@dataclass(frozen=True)
+class ReducedImage:
+    """An image decoded at 1/``factor`` of its size. ``size`` is the full upright size, the frame boxes are given
+    in (so code that reads ``.size`` keeps working in original pixels); pixel ``(i, j)`` of ``image`` covers
+    original pixels ``[i * factor, (i + 1) * factor)`` (the edge rows and columns may cover fewer)."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    factor: int
+
+    def box(self, box: tuple[float, float, float, float] | list[float]) -> tuple[float, float, float, float]:
+        """An original-pixel box in the decoded image's pixels."""
+        x1, y1, x2, y2 = (float(v) / self.factor for v in box)
+        return x1, y1, min(x2, self.image.width), min(y2, self.image.height)
+
+
+#: Modes ``Image.reduce`` averages as they are; others are converted to RGB first.
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "I", "F"})
+
+
+def decode_reduced(data: bytes, factor: int, max_pixels: int = 64_000_000, name: str = "image") -> ReducedImage:
+    """:func:`decode_image` at 1/``factor`` of the size: the same checks, orientation and colour handling, a
+    fraction of the memory.
+
+    A JPEG is decoded at the largest DCT scale (1/2, 1/4, 1/8) that divides ``factor``, then box-averaged by what
+    is left; other formats are decoded at full size and box-averaged at once, so one full-size copy exists only
+    while it is averaged.
+    """
+    if factor < 1:
+        raise ValueError(f"decode_reduced: factor must be at least 1, got {factor}")
+    img = _open(data, max_pixels, name)
+    full, orientation = img.size, _orientation(img)
+    if factor > 1 and img.format == "JPEG":
+        scale = next(s for s in (8, 4, 2, 1) if factor % s == 0)
+        img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (-(-full[0] // scale), -(-full[1] // scale)))
+    _load(img, name)
+    scale = next((s for s in (1, 2, 4, 8) if img.size == (-(-full[0] // s), -(-full[1] // s))), 1)
+    if factor // scale > 1:
+        img = (img if img.mode in _REDUCIBLE_MODES else to_rgb(img, name)).reduce(factor // scale)
+    if orientation in _TRANSPOSES:
+        img = img.transpose(_TRANSPOSES[orientation])
+    size = (full[1], full[0]) if orientation in _SWAPPING_ORIENTATIONS else full
+    return ReducedImage(to_rgb(img, name), size, scale * (factor // scale))
 
 
 def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:

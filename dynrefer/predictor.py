@@ -25,7 +25,7 @@ from PIL import Image
 from dynrefer import storage
 from dynrefer.batching import ModelInputs, build_inputs
 from dynrefer.config import DynReferConfig
-from dynrefer.imageio import ImageError, decode_image, to_rgb
+from dynrefer.imageio import ImageError, ReducedImage, decode_image, to_rgb
 from dynrefer.model import DynRefer, RegionPrediction
 from dynrefer.preprocess import PrepareConfig, region_rows
 
@@ -109,7 +109,7 @@ def mask_box(mask: np.ndarray | Image.Image, name: str = "mask") -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def image_inputs(image: Image.Image, boxes: Sequence[Sequence[float]], model: DynRefer | DynReferConfig,
+def image_inputs(image: Image.Image | ReducedImage, boxes: Sequence[Sequence[float]], model: DynRefer | DynReferConfig,
                  name: str = "image", mode: str | None = None) -> ModelInputs:
     """The model inputs of ``boxes`` on one decoded image; a bad box raises a ValueError naming it. ``model`` may
     be the model's config alone (a CPU preprocessing worker has no weights)."""

@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from dynrefer.imageio import ReducedImage
+
 #: The official candidate coefficients: 0.1, 0.2, ..., 1.0 (t=0 is always kept besides them).
 CANDIDATE_TS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
@@ -75,12 +77,24 @@ def roi_to_image(rois: np.ndarray, views: np.ndarray, size: int) -> np.ndarray:
 REDUCING_GAP = 2.0
 
 
-def crop_unique_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def reduction_factor(boxes: Sequence[Sequence[float]], size: int, gap: float = REDUCING_GAP) -> int:
+    """The largest integer factor an image can be decoded smaller by while every view of these (clipped) region
+    boxes still spans ``gap`` x ``size`` decoded pixels on its short side: the region itself (t=0) is the smallest
+    view, so it decides; resizing to ``size`` then shrinks by ``gap`` at most, as it does from the full image."""
+    short = min((min(b[2] - b[0], b[3] - b[1]) for b in boxes), default=0.0)
+    return max(1, int(short // (gap * size)))
+
+
+def crop_unique_views(image: Image.Image | ReducedImage | np.ndarray, boxes: np.ndarray, size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Cut each distinct box from one decoded RGB image once, resized (bicubic) to ``size``.
 
     Returns the views (N, size, size, 3) uint8 and, per box, the row of its view (T,) int64: identical boxes
-    (the t=1 view is shared by every region of an image) are resized once.
+    (the t=1 view is shared by every region of an image) are resized once. Boxes are in original pixels; a
+    :class:`ReducedImage` is cut where they fall in its smaller pixels.
     """
+    reduced = image if isinstance(image, ReducedImage) else None
+    image = reduced.image if reduced is not None else image
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     if img.mode != "RGB":
         raise ValueError(f"crop_views expects a decoded RGB image, got mode {img.mode!r}")
@@ -88,12 +102,13 @@ def crop_unique_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: 
     unique, index = np.unique(boxes, axis=0, return_inverse=True)
     views = np.empty((len(unique), size, size, 3), dtype=np.uint8)
     for i, box in enumerate(unique.tolist()):
-        views[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=tuple(box),
+        crop = reduced.box(box) if reduced is not None else tuple(box)
+        views[i] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=crop,
                                          reducing_gap=REDUCING_GAP))
     return views, index.reshape(-1).astype(np.int64)
 
 
-def crop_views(image: Image.Image | np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+def crop_views(image: Image.Image | ReducedImage | np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """Cut each box from one decoded RGB image, resized (bicubic) to ``size``.  # (T, size, size, 3) uint8"""
     views, index = crop_unique_views(image, boxes, size)
     return views[index]

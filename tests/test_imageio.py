@@ -228,3 +228,89 @@ def test_encode_jpeg_round_trip():
     assert data[:3] == b"\xff\xd8\xff"
     np.testing.assert_allclose(np.asarray(decode_image(data)), np.asarray(src), atol=3)
     assert decode_image(encode_jpeg(Image.new("L", (4, 4), 7))).getpixel((0, 0)) == (7, 7, 7)
+
+
+# ---------------------------------------------------------------------------------------------- reduced decoding
+
+
+def _scene(width: int, height: int) -> Image.Image:
+    """Smooth colour fields with sharp-edged shapes: a photo's mix of flat areas and edges."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(25):
+        x, y = int(rng.integers(0, width - 200)), int(rng.integers(0, height - 200))
+        draw.ellipse([x, y, x + int(rng.integers(40, 200)), y + int(rng.integers(40, 200))],
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return img
+
+
+BIG_BOXES = [[100, 150, 700, 900], [1300, 200, 2350, 1500], [600, 500, 1200, 1150]]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_reduced_decode_gives_the_views_of_the_full_decode_from_a_fraction_of_the_pixels(fmt):
+    from dynrefer.imageio import decode_reduced, probe_size
+    from dynrefer.views import crop_views, reduction_factor, view_boxes
+
+    width, height, size = 2400, 1600, 64
+    data = _save(_scene(width, height), fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    factor = reduction_factor(BIG_BOXES, size)
+    assert factor == 4 and probe_size(data) == (width, height)
+    full, reduced = decode_image(data), decode_reduced(data, factor)
+    assert reduced.size == (width, height) and reduced.factor == factor
+    assert reduced.image.size == (width // factor, height // factor) and reduced.image.mode == "RGB"
+    boxes = np.concatenate([view_boxes(b, width, height, [0.0, 0.2, 0.5, 1.0]) for b in BIG_BOXES])
+    diff = np.abs(crop_views(full, boxes, size).astype(int) - crop_views(reduced, boxes, size).astype(int))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_reduced_decode_keeps_exif_orientation_and_original_pixel_frame():
+    from dynrefer.imageio import decode_reduced, probe_size
+    from dynrefer.views import crop_views
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    data = _save(_scene(1600, 800), "JPEG", quality=92, exif=exif)
+    assert probe_size(data) == (800, 1600)
+    full, reduced = decode_image(data), decode_reduced(data, 4)
+    assert full.size == reduced.size == (800, 1600) and reduced.image.size == (200, 400)
+    boxes = np.array([[0, 0, 800, 1600], [100, 300, 700, 1100]])
+    diff = np.abs(crop_views(full, boxes, 32).astype(int) - crop_views(reduced, boxes, 32).astype(int))
+    assert diff.mean() < 1.0
+
+
+def test_reduction_is_what_the_smallest_view_allows():
+    from dynrefer.views import reduction_factor
+
+    assert reduction_factor([[0, 0, 5000, 5000]], 224) == 11  # 5000 // (2 * 224)
+    assert reduction_factor([[0, 0, 5000, 5000], [10, 10, 400, 3000]], 224) == 1  # 390 px: no room to reduce
+    assert reduction_factor([], 224) == 1
+
+
+def test_reduced_jpeg_decode_peaks_at_a_fraction_of_the_full_decode():
+    """Peak RSS of a fresh process decoding one 6000x6000 JPEG: DCT scaling never makes the full-size pixels."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
+        f.write(_save(_scene(6000, 6000), "JPEG", quality=90))
+        f.flush()
+        # The peak is VmHWM, reset just before the decode (imports may have peaked higher than any decode).
+        script = ("import sys; from dynrefer.imageio import decode_image, decode_reduced; "
+                  "kb = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))); "
+                  "data = open(sys.argv[1], 'rb').read(); open('/proc/self/clear_refs', 'w').write('5'); "
+                  "before = kb('VmRSS:'); "
+                  "img = decode_reduced(data, 8).image if sys.argv[2] == 'reduced' else decode_image(data); "
+                  "print(kb('VmHWM:') - before, img.size[0])")
+        peak = {}
+        for how in ("full", "reduced"):
+            out = subprocess.run([sys.executable, "-c", script, f.name, how], capture_output=True, text=True,
+                                 check=True, timeout=120).stdout.split()
+            peak[how] = int(out[0]) * 1024
+            assert int(out[1]) == (6000 if how == "full" else 750)
+    assert peak["full"] > 90e6 and peak["reduced"] < peak["full"] / 8, peak

@@ -916,8 +916,8 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.25):
 
 @pytest.mark.slow
 def test_a_killed_model_replica_is_replaced_under_load_and_no_request_hangs(server, tiny_cfg):
-    """SIGKILL one of two model replicas while clients keep sending: few requests fail (each with a JSON 500),
-    none outlives its client timeout, Serve starts a new replica (new process), and it serves again."""
+    """SIGKILL one of two model replicas while clients keep sending: few requests fail (each with a JSON 503 and
+    Retry-After), none outlives its client timeout, Serve starts a new replica (new process), and it serves again."""
     import requests
     import torch
     from ray import serve
@@ -985,7 +985,7 @@ def test_a_killed_model_replica_is_replaced_under_load_and_no_request_hangs(serv
         print(f"killed replica {victim} (pid {before[victim]}); replaced by {new} (pid {replaced[new]}) in "
               f"{recovered_at - killed_at:.1f} s; failed {len(failed)}/{len(results)}")
         assert all(end - start < client_timeout for start, end, _, _ in results)  # none hung
-        assert all(st == 500 and a["error"] == "internal" and a["request_id"] for _, _, st, a in failed), failed
+        assert all(st == 503 and a["error"] == "replica_lost" and a["request_id"] for _, _, st, a in failed), failed
         # Only requests under way when the replica died may fail: at most one per client, each started before
         # the kill (the router drops a dead replica from its choices on the first failure).
         assert len(failed) <= clients and all(start <= killed_at for start, _, _, _ in failed), failed

@@ -9,6 +9,7 @@ as types (as strings, ``request: Request`` would become a query parameter).
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -22,9 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .chat import chat_payload, completion, stream_events
 from .config import deployment_options, parse_config
 from .deployments import Predictor, Preprocess
-from .errors import RequestError, bounded, guarded, http_error, internal_error, request_id, validation_error
+from .errors import RequestError, bounded, cancel, guarded, http_error, internal_error, request_id, retry_after, \
+    submit, validation_error
+from .health import deployment_health
 from .predict import Answer
-from .requests import IMAGE_TYPES, JSON_TYPES, Payload, check_content_type, json_document, read_body, read_payload
+from .requests import IMAGE_TYPES, JSON_TYPES, Payload, check_content_type, json_document, read_body, read_payload, \
+    within
 from .schemas import ChatCompletion, ChatRequest, ErrorBody, ModelCard, ModelList, RegionsForm, RegionsRequest, \
     RegionsResponse
 
@@ -38,7 +42,7 @@ with open(os.path.join(os.path.dirname(__file__), "static", "index.html"), encod
 app = FastAPI(title="DynRefer", version="0.1.0",
               description="Region captions, tags and region-text scores (DynRefer, arXiv 2405.16071).")
 
-ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500, 504)}
+ERRORS = {s: {"model": ErrorBody} for s in (400, 408, 413, 415, 422, 500, 503, 504)}
 
 app.add_exception_handler(StarletteHTTPException, http_error)
 app.add_exception_handler(RequestValidationError, validation_error)
@@ -78,13 +82,36 @@ class Ingress:
         self.cfg = parse_config(config)
         self.preprocess, self.predictor = preprocess, predictor
         self.created = int(time.time())
+        self.lost_at = -math.inf  # when a request last found its replica dead (time.monotonic())
+        # Serve notices a dead replica within a health-check period; until then /healthz reports what we saw.
+        self.lost_grace_s = 2 * max(self.cfg.preprocess.health_check_period_s,
+                                    self.cfg.predictor.health_check_period_s) + 1
 
-    async def _answer(self, payload: Payload, request_id: str, alpha: bool = False) -> dict[str, Any]:
-        """Preprocess, then the batched model, within the request timeout: a /v1/regions answer."""
+    def _deadline(self) -> float:
+        """When a request arriving now must be answered: its body, preprocessing and the model share this time."""
+        return time.monotonic() + self.cfg.limits.request_timeout_s
+
+    async def _answer(self, payload: Payload, request_id: str, deadline: float, alpha: bool = False
+                      ) -> dict[str, Any]:
+        """Preprocess, then the batched model, within what is left of the request timeout: a /v1/regions answer."""
         started = time.perf_counter()
-        prepared = self.preprocess.prepare.remote(payload.image, payload.boxes, payload.texts, payload.masks, alpha)
-        answer: Answer = await bounded(self.predictor.predict.remote(prepared), self.cfg.limits.request_timeout_s,
-                                       "captioning", upstream=[prepared])
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestError(504, "timeout", f"the request took longer than {self.cfg.limits.request_timeout_s:g} s")
+        wait = self.cfg.limits.retry_after_s
+        prepared = submit(lambda: self.preprocess.prepare.remote(payload.image, payload.boxes, payload.texts,
+                                                                 payload.masks, alpha), "preprocessing", wait)
+        try:
+            predicted = submit(lambda: self.predictor.predict.remote(prepared), "captioning", wait)
+        except RequestError:
+            cancel(prepared)
+            raise
+        try:
+            answer: Answer = await bounded(predicted, left, "captioning", upstream=[prepared], retry_after_s=wait)
+        except RequestError as e:
+            if e.error == "replica_lost":
+                self.lost_at = time.monotonic()
+            raise
         p = answer.prepared
         if p.failure is not None:
             f = dict(p.failure)
@@ -97,7 +124,8 @@ class Ingress:
                           "replica": answer.replica}}
 
     async def _regions(self, request: Request, request_id: str, dense: bool) -> dict[str, Any]:
-        payload = await read_payload(request, self.cfg.limits)
+        deadline = self._deadline()
+        payload = await within(read_payload(request, self.cfg.limits), self.cfg.limits, deadline)
         if payload.boxes is None and payload.masks is None:
             if not dense:
                 raise RequestError(422, "bad_box", "boxes: missing; give [[x1, y1, x2, y2], ...] in pixels, or "
@@ -107,18 +135,19 @@ class Ingress:
                                                         "serve config); send 'boxes' from any detector instead")
         elif not dense and not (payload.boxes or payload.masks):
             raise RequestError(422, "bad_box", "boxes: give at least one box (or mask)")
-        return await self._answer(payload, request_id)
+        return await self._answer(payload, request_id, deadline)
 
     async def _chat(self, request: Request, request_id: str) -> Response:
+        deadline = self._deadline()
         check_content_type(request.headers.get("content-type"), JSON_TYPES)
-        body = await read_body(request, self.cfg.limits.max_body_bytes)
+        body = await within(read_body(request, self.cfg.limits.max_body_bytes), self.cfg.limits, deadline)
         payload, stream = chat_payload(json_document("body", body.decode("utf-8", errors="replace")),
                                        self.cfg.limits, self.cfg.model_name)
         if payload.boxes == [] or payload.masks == []:
             raise RequestError(422, "bad_box", "boxes/masks: give at least one region, or leave them out and mark "
                                                "the region with the image's alpha channel")
         alpha = payload.boxes is None and payload.masks is None
-        done = completion(await self._answer(payload, request_id, alpha=alpha), self.cfg.model_name,
+        done = completion(await self._answer(payload, request_id, deadline, alpha=alpha), self.cfg.model_name,
                           int(time.time()))
         if stream:
             return StreamingResponse(stream_events(done), media_type="text/event-stream",
@@ -165,16 +194,38 @@ class Ingress:
 
         return await guarded(card, request_id(request))
 
-    @app.get("/healthz", summary="Liveness: the model and preprocessing deployments answer")
+    @app.get("/healthz", summary="Health: the deployments answer and none has lost a replica",
+             description="200 {\"status\": \"ok\"}; 503 with Retry-After when a deployment does not answer "
+             "(unavailable), its queue is full (overloaded), or a replica died and Serve is replacing it "
+             "(degraded, with each affected deployment's status).")
     async def healthz(self, request: Request) -> Response:
         async def check(request_id: str) -> Response:
+            wait = retry_after(self.cfg.limits.retry_after_s)
+            failure = None
             try:
                 await asyncio.gather(bounded(self.predictor.ready.remote(), 10.0, "model health check"),
                                      bounded(self.preprocess.ready.remote(), 10.0, "preprocess health check"))
-                return JSONResponse({"status": "ok"})
             except Exception as e:  # noqa: BLE001 - any failure to answer means unhealthy
                 log.warning("health check %s failed: %s", request_id, e)
-                return JSONResponse({"status": "unavailable", "request_id": request_id}, status_code=503)
+                failure = e.error if isinstance(e, RequestError) else "unavailable"
+                if failure not in ("replica_lost", "overloaded"):  # those two are weighed with Serve's view below
+                    return JSONResponse({"status": "unavailable", "request_id": request_id}, status_code=503,
+                                        headers=wait)
+                if failure == "replica_lost":
+                    self.lost_at = time.monotonic()
+            degraded = await deployment_health()
+            lost_s_ago = time.monotonic() - self.lost_at
+            if lost_s_ago < self.lost_grace_s:
+                degraded["requests"] = {"status": "REPLICA_LOST", "message": f"a request found its replica dead "
+                                                                             f"{lost_s_ago:.1f} s ago"}
+            if degraded:
+                log.warning("health check %s: degraded: %s", request_id, degraded)
+                return JSONResponse({"status": "degraded", "deployments": degraded, "request_id": request_id},
+                                    status_code=503, headers=wait)
+            if failure == "overloaded":
+                return JSONResponse({"status": "overloaded", "request_id": request_id}, status_code=503,
+                                    headers=wait)
+            return JSONResponse({"status": "ok"})
 
         return await guarded(check, request_id(request))
 
@@ -196,6 +247,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application for ``serve run pipelines.serve:app_builder`` and Serve config files (``args`` = ServeConfig)."""
     cfg = parse_config(args)
     raw = dataclasses.asdict(cfg)
-    preprocess = Preprocess.options(**deployment_options(cfg.preprocess)).bind(raw)
-    predictor = Predictor.options(**deployment_options(cfg.predictor)).bind(raw)
-    return Ingress.options(**deployment_options(cfg.ingress)).bind(preprocess, predictor, raw)
+    wait = cfg.limits.retry_after_s
+    preprocess = Preprocess.options(**deployment_options(cfg.preprocess, wait)).bind(raw)
+    predictor = Predictor.options(**deployment_options(cfg.predictor, wait)).bind(raw)
+    return Ingress.options(**deployment_options(cfg.ingress, wait)).bind(preprocess, predictor, raw)

@@ -19,7 +19,10 @@ class Limits:
     max_boxes: int = 100  # boxes or masks
     max_texts: int = 64
     max_text_chars: int = 200
-    request_timeout_s: float = 60.0  # the ingress's wait on preprocessing + model; then 504
+    request_timeout_s: float = 60.0  # from the request's arrival: reading its body, preprocessing, the model; then 504
+    body_timeout_s: float = 20.0  # reading the body (a trickling upload holds an ingress slot); then 408
+    retry_after_s: float = 1.0  # the Retry-After of a 503 (a full queue, a lost replica, a degraded /healthz)
+    decode_pixels: int = 80_000_000  # pixels one Preprocess replica decodes at once; more wait (one always runs)
 
 
 @dataclass
@@ -48,7 +51,10 @@ class Autoscaling:
 class DeploymentSettings:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    memory_mb: int | None = None  # Ray's memory resource: the scheduler places the replica where this much is free
     max_ongoing_requests: int = 16
+    max_queued_requests: int = 64  # waiting for a busy replica, per caller; beyond, 503 + Retry-After at once
+    health_check_period_s: float = 2.0  # how soon Serve notices a dead replica (its default is 10 s)
     autoscaling: Autoscaling = field(default_factory=Autoscaling)
 
 
@@ -89,8 +95,11 @@ def parse_config(args: dict[str, Any]) -> ServeConfig:
     for name in ("max_body_bytes", "max_pixels", "max_boxes", "max_texts", "max_text_chars"):
         if getattr(cfg.limits, name) < 1:
             problems.append(f"limits.{name} must be at least 1")
-    if cfg.limits.request_timeout_s <= 0:
-        problems.append("limits.request_timeout_s must be positive")
+    for name in ("request_timeout_s", "body_timeout_s", "decode_pixels"):
+        if getattr(cfg.limits, name) <= 0:
+            problems.append(f"limits.{name} must be positive")
+    if cfg.limits.retry_after_s < 0:
+        problems.append("limits.retry_after_s must be at least 0")
     b = cfg.batching
     if b.max_batch_size < 1 or b.batch_wait_timeout_s < 0 or b.max_regions_per_forward < 1:
         problems.append("batching: max_batch_size and max_regions_per_forward >= 1, batch_wait_timeout_s >= 0")
@@ -101,16 +110,26 @@ def parse_config(args: dict[str, Any]) -> ServeConfig:
         a = getattr(cfg, name).autoscaling
         if not 1 <= a.min_replicas <= a.max_replicas:
             problems.append(f"{name}.autoscaling: need 1 <= min_replicas <= max_replicas")
+        d = getattr(cfg, name)
+        if d.max_queued_requests < 0 or d.health_check_period_s <= 0 or (d.memory_mb is not None and d.memory_mb < 1):
+            problems.append(f"{name}: max_queued_requests >= 0, health_check_period_s > 0, memory_mb >= 1 or null")
     if problems:
         raise ValueError("serve config: " + "; ".join(problems))
     return cfg
 
 
-def deployment_options(s: DeploymentSettings) -> dict[str, Any]:
-    """Keyword arguments for ``Deployment.options``."""
+def deployment_options(s: DeploymentSettings, retry_after_s: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments for ``Deployment.options``: bounded queues (Serve's own rejections, such as the proxy's
+    when every ingress replica is full, carry ``Retry-After``) and a short health-check period."""
     autoscaling = {k: v for k, v in dataclasses.asdict(s.autoscaling).items() if v is not None}
-    return {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-            "max_ongoing_requests": s.max_ongoing_requests, "autoscaling_config": autoscaling}
+    actor = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    if s.memory_mb is not None:
+        actor["memory"] = s.memory_mb * 1024 * 1024
+    return {"ray_actor_options": actor, "max_ongoing_requests": s.max_ongoing_requests,
+            "max_queued_requests": s.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+            "health_check_period_s": s.health_check_period_s,
+            "health_check_timeout_s": max(10.0, 5 * s.health_check_period_s), "autoscaling_config": autoscaling}
 
 
 def model_config(cfg: ServeConfig) -> DynReferConfig:

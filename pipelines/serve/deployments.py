@@ -10,6 +10,7 @@ from typing import Any
 from ray import serve
 
 from .config import model_config, parse_config
+from .memory import PixelBudget, header_pixels, release_memory
 from .predict import Answer, BatchStats, config_summary, parameter_summary, predict_items, region_results
 from .preprocess import Prepared, prepare_request
 
@@ -17,11 +18,12 @@ from .preprocess import Prepared, prepare_request
 @serve.deployment(name="Preprocess")
 class Preprocess:
     """CPU replica: image bytes -> views, RoIs and pHASH-chosen t per region (boxes given, masks' boxes, the
-    alpha channel's box, or proposals for dense)."""
+    alpha channel's box, or proposals for dense). Decodes share a pixel budget (``limits.decode_pixels``)."""
 
     def __init__(self, config: dict[str, Any]):
         self.cfg = parse_config(config)
         self.model_cfg = model_config(self.cfg)
+        self.budget = PixelBudget(self.cfg.limits.decode_pixels)
         self.mode = self.cfg.views or self.model_cfg.views.selection
         self.proposer = None
         if self.cfg.proposals:
@@ -35,8 +37,12 @@ class Preprocess:
 
     def prepare(self, data: bytes, boxes: list[list[float]] | None, texts: list[str], masks: list[Any] | None = None,
                 alpha: bool = False) -> Prepared:
-        return prepare_request(data, boxes, texts, self.model_cfg, self.mode, self.cfg.limits, self.proposer,
-                               self.cfg.dense, masks=masks, alpha=alpha)
+        try:
+            with self.budget.hold(header_pixels(data, self.cfg.limits.max_pixels)):
+                return prepare_request(data, boxes, texts, self.model_cfg, self.mode, self.cfg.limits,
+                                       self.proposer, self.cfg.dense, masks=masks, alpha=alpha)
+        finally:
+            release_memory()
 
     def ready(self) -> bool:
         return True

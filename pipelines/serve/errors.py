@@ -1,10 +1,16 @@
 """How the app refuses and fails: one JSON error body (``error``, ``message``, ``request_id``) for every route,
-FastAPI's own 404/405/422 included, request ids that are safe to echo, and bounded waits on the deployments."""
+FastAPI's own 404/405/422 included, request ids that are safe to echo, and bounded waits on the deployments.
+
+Work the app could not do through no fault of the request is a 503 with ``Retry-After``, so clients back off and
+retry: a deployment's queue is full (Serve's ``BackPressureError``), or the replica holding the request died
+(``RayActorError``: its actor died or is unreachable).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import uuid
 from typing import Any, Awaitable, Callable, Sequence
@@ -20,12 +26,21 @@ log = logging.getLogger("dynrefer.serve")
 class RequestError(Exception):
     """A request we refuse: HTTP status, a short code, and a message that says what is wrong."""
 
-    def __init__(self, status: int, error: str, message: str, **extra: Any):
+    def __init__(self, status: int, error: str, message: str, retry_after_s: float | None = None, **extra: Any):
         super().__init__(message)
         self.status, self.error, self.message, self.extra = status, error, message, extra
+        self.retry_after_s = retry_after_s
 
     def body(self, request_id: str) -> dict[str, Any]:
         return {"error": self.error, "message": self.message, **self.extra, "request_id": request_id}
+
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else retry_after(self.retry_after_s)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A ``Retry-After`` header: whole seconds (RFC 9110), rounded up so that no client retries too early."""
+    return {"Retry-After": str(max(0, math.ceil(seconds)))}
 
 
 def clip_text(value: Any, limit: int = 60) -> str:
@@ -54,7 +69,7 @@ def _short_repr(value: Any, limit: int) -> str:
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     """A JSON error for any exception: a RequestError says what is wrong; anything else is a bare 500."""
     if isinstance(exc, RequestError):
-        return JSONResponse(exc.body(request_id), status_code=exc.status)
+        return JSONResponse(exc.body(request_id), status_code=exc.status, headers=exc.headers())
     log.error("request %s failed", request_id, exc_info=exc)
     return JSONResponse({"error": "internal", "message": "internal server error; quote the request id when "
                                                           "reporting it", "request_id": request_id}, status_code=500)
@@ -86,18 +101,61 @@ def request_id(request: Request) -> str | None:
     return value if value is not None and REQUEST_ID.fullmatch(value) else None
 
 
-async def bounded(response: Any, timeout_s: float, what: str, upstream: Sequence[Any] = ()) -> Any:
+def unavailable(exc: BaseException, what: str, retry_after_s: float) -> RequestError | None:
+    """The 503 for a failure of Serve rather than of the request (a full queue, a dead replica); None otherwise."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return RequestError(503, "overloaded", f"{what}: every replica is busy and the queue is full; retry later",
+                            retry_after_s)
+    if isinstance(exc, RayActorError):
+        return RequestError(503, "replica_lost", f"{what}: the replica working on this request stopped; retry (a "
+                                                 f"replacement is starting)", retry_after_s)
+    if isinstance(exc, DeploymentUnavailableError):
+        return RequestError(503, "unavailable", f"{what}: the deployment is not running", retry_after_s)
+    return None
+
+
+def submit(call: Callable[[], Any], what: str, retry_after_s: float = 1.0) -> Any:
+    """``call()`` (a handle's ``.remote``), a full queue refusing it at once being the 503 of :func:`unavailable`."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - sorted into Serve's failures (503) and the rest (500)
+        lost = unavailable(e, what, retry_after_s)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+async def bounded(response: Any, timeout_s: float, what: str, upstream: Sequence[Any] = (),
+                  retry_after_s: float = 1.0) -> Any:
     """Await a DeploymentResponse for at most ``timeout_s``; past that, cancel it and the ``upstream`` responses
-    it was fed, and answer 504."""
+    it was fed, and answer 504. A full queue or a lost replica is a 503 with ``Retry-After``."""
     async def wait():
         return await response
 
     try:
         return await asyncio.wait_for(wait(), timeout_s)
     except asyncio.TimeoutError:
-        for r in (response, *upstream):
-            r.cancel()
+        cancel(response, *upstream)
         raise RequestError(504, "timeout", f"{what} took longer than {timeout_s:g} s") from None
+    except Exception as e:  # noqa: BLE001 - sorted into Serve's failures (503) and the rest (500)
+        lost = unavailable(e, what, retry_after_s)
+        if lost is None:
+            raise
+        cancel(*upstream)
+        raise lost from None
+
+
+def cancel(*responses: Any) -> None:
+    """Cancel DeploymentResponses; one that already failed (its queue was full) raises that failure on
+    ``cancel``, and there is nothing left to cancel."""
+    for r in responses:
+        try:
+            r.cancel()
+        except Exception:  # noqa: BLE001 - the response's own failure, reported through the one awaited
+            pass
 
 
 #: Error codes for the HTTP errors FastAPI raises itself (no route, wrong method, ...).

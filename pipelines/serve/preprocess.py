@@ -90,17 +90,25 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     """Decode once, then every region's views and pHASH codes and the chosen views' pixels, by the functions batch
     jobs and the Python API use (:func:`dynrefer.predictor.image_inputs`).
 
+    The image's size comes from its header, so the regions are known before any pixel is decoded; given regions
+    decode it only as large as their smallest view needs (:func:`dynrefer.views.reduction_factor`), boxes and
+    view boxes staying in original pixels.
+
     Regions are ``boxes``, else each of ``masks``' tight box, else (``alpha``) the box of the image's alpha
     channel, else the proposal model's.
     """
-    from dynrefer.imageio import ImageError, decode_image
+    from dynrefer.imageio import ImageError, decode_image, decode_reduced, probe_size
     from dynrefer.predictor import image_inputs
+    from dynrefer.views import reduction_factor
+
+    def bad_image(e: ImageError) -> Prepared:
+        return failure(RequestError(image_status(e.reason), "bad_image", str(e), reason=e.reason))
 
     try:
-        image = decode_image(data, limits.max_pixels, name="image")
+        width, height = probe_size(data, limits.max_pixels, name="image")
     except ImageError as e:
-        return failure(RequestError(image_status(e.reason), "bad_image", str(e), reason=e.reason))
-    width, height = image.size
+        return bad_image(e)
+    image = None
     scores: list[float | None]
     source, mask_ids = "request", None
     try:
@@ -113,6 +121,10 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     if boxes is None:
         if proposer is None:
             return failure(RequestError(422, "bad_box", "boxes: missing"))
+        try:
+            image = decode_image(data, limits.max_pixels, name="image")
+        except ImageError as e:
+            return bad_image(e)
         dense = dense or Dense()
         kept = keep_proposals(proposer.propose(image), width, height, dense.min_score,
                               min(dense.max_regions, limits.max_boxes))
@@ -128,6 +140,14 @@ def prepare_request(data: bytes, boxes: list[list[float]] | None, texts: list[st
     if bad:
         return failure(RequestError(422, "bad_box", bad[0]["message"] + (f" (and {len(bad) - 1} more)"
                                                                            if len(bad) > 1 else ""), details=bad))
+    if image is None:
+        # The official hash reads full-resolution crops, so only the imagehash of the views allows a reduction.
+        factor = reduction_factor(clipped, model_cfg.image_size) if model_cfg.views.hash == "imagehash" else 1
+        try:
+            image = (decode_reduced(data, factor, limits.max_pixels, name="image") if factor > 1
+                     else decode_image(data, limits.max_pixels, name="image"))
+        except ImageError as e:
+            return bad_image(e)
     out = Prepared(width=width, height=height, scores=scores, source=source, texts=texts,
                    mask_ids=mask_ids or [None] * len(clipped))
     if not clipped:

@@ -8,14 +8,16 @@ thousands of digits, nesting past the recursion limit) become 400s.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
 
 from fastapi import Request
 from starlette.datastructures import Headers, UploadFile
@@ -23,6 +25,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .config import Limits
 from .errors import RequestError, clip_text
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -315,3 +319,15 @@ async def read_payload(request: Request, limits: Limits) -> Payload:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def within(reading: Awaitable[T], limits: Limits, deadline: float) -> T:
+    """A body read that must end within ``limits.body_timeout_s`` and before the request's ``deadline`` (a
+    ``time.monotonic()``): a client that trickles its upload frees its ingress slot with a 408, not after the
+    proxy's own timeout."""
+    timeout = min(limits.body_timeout_s, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(reading, max(timeout, 0.0))
+    except asyncio.TimeoutError:
+        raise RequestError(408, "body_timeout", f"the request body did not arrive within {timeout:.3g} s; send it "
+                                                f"faster or smaller") from None
