@@ -93,7 +93,9 @@ class DynReferPredictor:
                        compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1)
 
     Every input column passes through; added are ``caption``, ``caption_score``, ``tags``, ``tag_scores``,
-    ``category``, ``category_score``, ``attributes``, ``view_ts`` and ``error``, with ``category_scores`` and
+    ``category``, ``category_score``, ``attributes``, ``view_ts``, ``error`` and its ``reason`` code (as the caption
+    job's error rows: the image's ``ImageError`` reason, ``missing``, ``read_error`` or ``bad_box``), with
+    ``category_scores`` and
     ``attribute_scores`` as JSON text (Arrow has no column for a map that may be empty). Rows of one image in a
     batch share its decoding and its identical views. A row whose image cannot be read or whose box is unusable
     gets the reason in ``error`` and no caption; the rest of the batch is captioned.
@@ -106,39 +108,44 @@ class DynReferPredictor:
         self.storage_options = storage_options or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dynrefer.imageio import ImageError
         from dynrefer.predictor import image_inputs, to_image
 
         n = len(batch["image"])
         boxes = [[float(v) for v in box] for box in batch["box"]]
         errors: list[str | None] = [None] * n
+        reasons: list[str | None] = [None] * n
         built, owners = [], []  # ModelInputs, and the rows each one's regions are
         for rows in _by_image(batch["image"]).values():
             try:
                 image = to_image(batch["image"][rows[0]], storage_options=self.storage_options)
             except (ValueError, OSError) as e:
+                reason = (e.reason if isinstance(e, ImageError) else "missing" if isinstance(e, FileNotFoundError)
+                          else "read_error" if isinstance(e, OSError) else "bad_image")
                 for i in rows:
-                    errors[i] = str(e)
+                    errors[i], reasons[i] = str(e), reason
                 continue
             try:  # all boxes of the image in one input, else each alone so that a bad box fails only its row
                 pieces = [(image_inputs(image, [boxes[i] for i in rows], self.predictor.model, mode=self.views),
                            rows)]
             except ValueError:
-                pieces = [piece for i in rows for piece in self._one(image, boxes, i, errors)]
+                pieces = [piece for i in rows for piece in self._one(image, boxes, i, errors, reasons)]
             for inputs, group in pieces:
                 built.append(inputs)
                 owners += group
         regions: list[Region | None] = [None] * n
         for i, region in zip(owners, self.predictor.predict_inputs(built)):
             regions[i] = region
-        return {**batch, **_prediction_columns(regions), "error": _column(errors)}
+        return {**batch, **_prediction_columns(regions), "error": _column(errors), "reason": _column(reasons)}
 
-    def _one(self, image: Any, boxes: list[list[float]], i: int, errors: list[str | None]) -> list[Any]:
+    def _one(self, image: Any, boxes: list[list[float]], i: int, errors: list[str | None],
+             reasons: list[str | None]) -> list[Any]:
         from dynrefer.predictor import image_inputs
 
         try:
             return [(image_inputs(image, [boxes[i]], self.predictor.model, mode=self.views), [i])]
         except ValueError as e:
-            errors[i] = str(e)
+            errors[i], reasons[i] = str(e), "bad_box"
             return []
 
 

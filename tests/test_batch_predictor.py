@@ -48,12 +48,13 @@ def test_map_batches_captions_as_the_python_api_and_keeps_bad_rows(export, tmp_p
     for file, bs in boxes.items():
         for box, region in zip(bs, api.caption(Image.open(file), boxes=bs)):
             got = out[(file, tuple(box))]
-            assert got["error"] is None and got["caption"] == region.caption
+            assert got["error"] is None and got["reason"] is None and got["caption"] == region.caption
             assert got["caption_score"] == pytest.approx(region.caption_score, rel=1e-4)
             assert list(got["tags"]) == [t for t, _ in region.tags] and got["category"] == region.category
             assert json.loads(got["category_scores"]) == pytest.approx(region.category_scores, rel=1e-4)
             assert list(got["view_ts"])[0] == 0.0 and len(got["view_ts"]) == 3
     missing = out[(str(tmp_path / "missing.png"), (1, 1, 5, 5))]
-    assert "missing.png" in missing["error"] and missing["caption"] == ""
+    assert "missing.png" in missing["error"] and missing["reason"] == "missing" and missing["caption"] == ""
     bad_box = out[(files[1], (50, 50, 40, 60))]
-    assert bad_box["error"] and bad_box["caption"] == "" and np.isnan(bad_box["caption_score"])
+    assert bad_box["error"] and bad_box["reason"] == "bad_box" and bad_box["caption"] == ""
+    assert np.isnan(bad_box["caption_score"])
