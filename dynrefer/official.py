@@ -7,8 +7,8 @@ file that needs arbitrary unpickling is refused. Every official key maps to one 
 whole checkpoint against the keys and shapes our model expects, reporting every problem at once.
 
 Layouts that need no permutation: the alignment (``cvem_align.*``) keeps DCNv4's own per-pixel offset/mask channel
-layout in its ``offset_mask`` parameters, and :func:`dynrefer.alignment.dcnv4_to_torchvision` reorders the
-*outputs* at run time, so its weights map 1:1. The Q-former is renamed as transformers' ``Blip2QFormerModel``
+layout in its ``offset_mask`` parameters, and :func:`dynrefer.alignment.dcnv4_sample` reads that layout, so its
+weights map 1:1. The Q-former is renamed as transformers' ``Blip2QFormerModel``
 names it (``.self.`` -> ``.attention.``, ``embeddings.LayerNorm`` -> ``layernorm``). The 0-dim ``attr_t``/``attr_b``
 become shape (1,) (see :func:`dynrefer.model.promote_scalar_parameters`).
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynrefer.alignment import ViewAlignment, dcnv4_to_torchvision, offset_mask_channels
+from dynrefer.alignment import ViewAlignment, dcnv4_sample, offset_mask_channels
 from dynrefer.config import AlignmentConfig
 
 GROUPS, K = 4, 3
@@ -93,18 +93,29 @@ def test_alignment_equals_the_dcnv4_reference(size):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_layout_permutation_against_the_reference_sampler():
-    """The operator alone: random value maps and offsets/masks in DCNv4's layout."""
-    from torchvision.ops import deform_conv2d
-
+@pytest.mark.parametrize("h, w", [(5, 6), (1, 3)])
+def test_sampler_equals_the_reference_and_its_gradient_is_exact(h, w):
+    """The operator alone: random value maps and offsets/masks in DCNv4's layout, offsets of a few pixels (many
+    samples fall partly or wholly outside the map)."""
     rng = np.random.default_rng(0)
-    n, h, w, c = 2, 5, 6, 8
+    n, c = 2, 8
     value = rng.normal(size=(n, h, w, c))
     om = rng.normal(size=(n, h, w, offset_mask_channels(GROUPS, K))) * 1.5
-    offset, mask = dcnv4_to_torchvision(torch.from_numpy(om), GROUPS, K)
-    got = deform_conv2d(torch.from_numpy(value).permute(0, 3, 1, 2), offset, torch.ones(c, 1, K, K, dtype=torch.float64),
-                        padding=1, mask=mask).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(got, dcnv4_reference(value, om), rtol=1e-9, atol=1e-9)
+    got = dcnv4_sample(torch.from_numpy(value).permute(0, 3, 1, 2), torch.from_numpy(om), GROUPS, K)
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), dcnv4_reference(value, om), rtol=1e-9, atol=1e-9)
+    inputs = (torch.from_numpy(value).permute(0, 3, 1, 2).contiguous().requires_grad_(),
+              torch.from_numpy(om).requires_grad_())
+    assert torch.autograd.gradcheck(lambda v, o: dcnv4_sample(v, o, GROUPS, K), inputs)
+
+
+def test_offset_scale_scales_the_offsets_only():
+    rng = np.random.default_rng(1)
+    value = torch.from_numpy(rng.normal(size=(2, 8, 4, 4)))
+    om = torch.from_numpy(rng.normal(size=(2, 4, 4, offset_mask_channels(GROUPS, K))))
+    per_group = om[..., : GROUPS * 27].clone().unflatten(-1, (GROUPS, 27))  # the 4 padding channels dropped
+    per_group[..., :18] *= 0.5  # dx, dy of every tap
+    torch.testing.assert_close(dcnv4_sample(value, om, GROUPS, K, offset_scale=0.5),
+                               dcnv4_sample(value, per_group.flatten(-2).contiguous(), GROUPS, K))
 
 
 def test_official_init_gives_exact_zeros_and_official_shapes():
