@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -117,31 +117,64 @@ def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.Storage
     return model
 
 
-def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[float, list[tuple[str, str, str]]]:
-    """Captions for this rank's part of the val slice, gathered, CIDEr (times 100) of the whole on rank 0 (nan
-    elsewhere)."""
-    from dynrefer.metrics import caption_scores
-
+def val_pass(stepper: Any, shard: Any, batch_size: int, device: Any,
+             per_batch: Callable[[Any, dict[str, Any], ModelInputs, Any], Any]) -> list[Any] | None:
+    """``per_batch(module, batch, inputs, tensors)`` over this rank's part of the val slice in eval mode, every rank's
+    results gathered on rank 0 (None elsewhere)."""
     module = stepper.module
-    predictions: dict[str, str] = {}
-    references: dict[str, list[str]] = {}
+    results = []
     with stepper.gathered():
         module.eval()
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             inputs = ModelInputs.from_columns(batch)
-            out = module.predict(*tensors(inputs, device))
-            for rid, pred, refs in zip(inputs.region_ids, out, batch["references"]):
-                predictions[rid] = pred.caption
-                references[rid] = [str(r) for r in refs]
+            results.append(per_batch(module, batch, inputs, tensors(inputs, device)))
         module.train()
-    parts = gather_on_rank0((predictions, references))
-    if parts is None:
+    parts = gather_on_rank0(results)
+    return None if parts is None else [r for part in parts for r in part]
+
+
+def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[float, list[tuple[str, str, str]]]:
+    """Captions for the val slice, CIDEr (times 100) of the whole on rank 0 (nan elsewhere)."""
+    from dynrefer.metrics import caption_scores
+
+    def captions(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> list[tuple[str, str, list[str]]]:
+        return [(rid, pred.caption, [str(r) for r in refs])
+                for rid, pred, refs in zip(inputs.region_ids, module.predict(*x), batch["references"])]
+
+    rows = val_pass(stepper, shard, batch_size, device, captions)
+    if rows is None:
         return float("nan"), []
-    for p, r in parts:
-        predictions.update(p)
-        references.update(r)
+    predictions = {rid: caption for part in rows for rid, caption, _ in part}
+    references = {rid: refs for part in rows for rid, _, refs in part}
     examples = [(i, predictions[i], references[i][0]) for i in sorted(predictions)[:3]]
     return 100.0 * caption_scores(predictions, references, with_meteor=False)["cider"], examples
+
+
+def calibrate_tags(stepper: Any, shard: Any, batch_size: int, device: Any, min_precision: float) -> dict[str, float]:
+    """Set the model's tag threshold from the val slice (:func:`dynrefer.decoders.calibrated_threshold`) on rank 0,
+    before the export is written; returns what was chosen (empty elsewhere, or when no threshold keeps a tag)."""
+    import torch
+
+    from dynrefer.decoders import calibrated_threshold
+
+    def scores(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> tuple[Any, Any]:
+        with torch.no_grad():
+            probs = torch.sigmoid(module.tags(module.embedding(*x)).float()).cpu()
+        return probs, module.tags.targets(inputs.tags).cpu()
+
+    rows = val_pass(stepper, shard, batch_size, device, scores)
+    if not rows:
+        return {}
+    chosen = calibrated_threshold(torch.cat([p for p, _ in rows]), torch.cat([t for _, t in rows]), min_precision)
+    if chosen is None:
+        log.warning("tag threshold kept at %.2f: no threshold keeps a tag on the val slice",
+                    stepper.module.cfg.tags.threshold)
+        return {}
+    threshold, precision, recall = chosen
+    log.info("tag threshold %.2f (was %.2f): val tag precision %.1f%%, recall %.1f%%", threshold,
+             stepper.module.cfg.tags.threshold, 100 * precision, 100 * recall)
+    stepper.module.cfg.tags.threshold = threshold
+    return {"tag_threshold": threshold, "val_tag_precision": precision, "val_tag_recall": recall}
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -199,6 +232,8 @@ def train_loop(config: dict[str, Any]) -> None:
     run_loop(chain([head] if head is not None else [], batches), state,
              Cadence(job.max_steps, job.log_every, job.checkpoint_every, job.eval.every, "throughput"), hooks,
              worker.rank)
+    if val is not None and job.eval.tag_precision is not None:
+        calibrate_tags(stepper, val, job.eval.batch_size, device, job.eval.tag_precision)
     with stepper.gathered():
         if worker.rank == 0:
             save_pretrained(stepper.module, job.export_uri, so)

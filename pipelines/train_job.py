@@ -80,6 +80,9 @@ class EvalSection:
     every: int = 0  # steps between validation passes (0: only at the end; -1: never)
     max_regions: int = 64  # size of the held-out slice, scored whole
     batch_size: int = 16
+    # Choose the export's tag threshold on the val slice: the lowest whose tag precision reaches this (None: keep
+    # the model config's tags.threshold, the official 0.7).
+    tag_precision: float | None = None
 
 
 @dataclass

@@ -194,3 +194,17 @@ def test_bert_layers_start_as_bert_and_projections_as_configured():
     small = QueryDecoder(DecoderConfig(dim=256, projection_init_std=0.02), 1024, 768)
     for proj in (small.text_proj, small.region_proj, small.fc):
         assert proj.weight.std().item() == pytest.approx(0.02, rel=0.2) and torch.count_nonzero(proj.bias) == 0
+
+
+def test_calibrated_threshold_is_the_lowest_reaching_the_precision():
+    from dynrefer.decoders import calibrated_threshold
+
+    probs = torch.tensor([[0.955, 0.725, 0.715], [0.905, 0.745, 0.605]])
+    targets = torch.tensor([[1, 0, 1], [1, 0, 0]])
+    # above 0.50: 3 of 6 right; above 0.61: 3 of 5; above 0.72: 2 of 4; above 0.75: the two 0.9+ tags, both right
+    assert calibrated_threshold(probs, targets, 0.5) == (0.5, 0.5, 1.0)
+    assert calibrated_threshold(probs, targets, 0.55) == (0.61, 0.6, 1.0)
+    assert calibrated_threshold(probs, targets, 1.0) == (0.75, 1.0, 2 / 3)
+    # nothing reaches 0.9 with the truth inverted: the most precise threshold, the lowest of equals
+    assert calibrated_threshold(probs, 1 - targets, 0.9) == (0.5, 0.5, 1.0)
+    assert calibrated_threshold(torch.full((2, 3), 0.3), targets, 0.8) is None

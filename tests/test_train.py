@@ -233,8 +233,9 @@ def test_zero2_on_s3_learns_survives_a_killed_worker_resumes_by_rerun_and_export
     assert caption[-1][1] < 0.6 * caption[0][1]
 
     # Rerunning with the same storage path and name resumes from the latest checkpoint (here: to train on,
-    # scoring the val slice at the end).
-    again = run(dataclasses.replace(job, max_steps=12, eval=EvalSection(every=0, max_regions=16, batch_size=8)))
+    # scoring the val slice at the end and choosing the export's tag threshold on it: the slice is the whole split).
+    again = run(dataclasses.replace(job, max_steps=12, eval=EvalSection(every=0, max_regions=1000, batch_size=8,
+                                                                          tag_precision=0.5)))
     state = checkpoint_state(again["checkpoint"], so)
     assert state["step"] == 12 and state["resumed_from"][-1] == 8
     assert [s for s, _ in scalars(log_dir, "train/loss")] == list(range(1, 13))
@@ -250,7 +251,18 @@ def test_zero2_on_s3_learns_survives_a_killed_worker_resumes_by_rerun_and_export
     import pyarrow.parquet as pq
     import torch
 
-    rows = [r for r in pq.read_table(os.path.join(prepared, "regions")).to_pylist() if r["split"] == "val"][:4]
+    from dynrefer.decoders import calibrated_threshold
+
+    val_rows = [r for r in pq.read_table(os.path.join(prepared, "regions")).to_pylist() if r["split"] == "val"]
+    inputs = build_inputs(val_rows, load_images(r["file"] for r in val_rows), model.cfg.views, model.cfg.image_size,
+                          "phash", prepared_size=64)
+    model.eval()
+    with torch.no_grad():
+        x = [torch.from_numpy(a) for a in (inputs.views, inputs.view_index, inputs.rois)]
+        probs = torch.sigmoid(model.tags(model.embedding(*x)))
+    chosen = calibrated_threshold(probs, model.tags.targets([r["tags"] for r in val_rows]), 0.5)
+    assert model.cfg.tags.threshold == (chosen[0] if chosen else 0.7)
+    rows = val_rows[:4]
     inputs = build_inputs(rows, load_images(r["file"] for r in rows), model.cfg.views, model.cfg.image_size, "phash",
                           prepared_size=64)
     preds = model.predict(*(torch.from_numpy(a) for a in (inputs.views, inputs.view_index, inputs.rois)),
