@@ -85,7 +85,8 @@ def train_variant(ablation: Ablation, variant: Variant) -> str:
 
     job = TrainJob.from_yaml(ablation.train_config, **{
         "data.prepared": [ablation.prepared], "storage_path": ablation.storage_path, "name": slug(variant.name),
-        "max_steps": ablation.max_steps, "seed": ablation.seed, "eval.every": -1})
+        # one val pass at the end: it sets the export's tag threshold when the train config asks (as in the demo)
+        "max_steps": ablation.max_steps, "seed": ablation.seed, "eval.every": 0})
     job.model_overrides = merge(job.model_overrides, variant.model_overrides)
     if storage.exists(storage.join(job.absolute().export_uri, "config.json")):
         log.info("[%s] trained already: %s", variant.name, job.absolute().export_uri)
