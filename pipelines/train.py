@@ -152,10 +152,15 @@ def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[fl
 
 def calibrate_tags(stepper: Any, shard: Any, batch_size: int, device: Any, min_precision: float) -> dict[str, float]:
     """Set the model's tag threshold from the val slice (:func:`dynrefer.decoders.calibrated_threshold`) on rank 0,
-    before the export is written; returns what was chosen (empty elsewhere, or when no threshold keeps a tag)."""
+    before the export is written; returns what was chosen (empty elsewhere, when no threshold keeps a tag, or when
+    the tag head was not trained: its threshold is then left alone)."""
     import torch
 
     from dynrefer.decoders import calibrated_threshold
+
+    cfg = stepper.module.cfg
+    if cfg.loss.tags <= 0 or not cfg.tags.vocabulary:
+        return {}
 
     def scores(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> tuple[Any, Any]:
         with torch.no_grad():

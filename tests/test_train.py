@@ -178,6 +178,20 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path):
         TrainJob(data=DataSection(prepared=["x"]), precision="fp16").validate()
 
 
+def test_an_untrained_tag_head_keeps_its_threshold():
+    """With the tag loss off (caption-only training) the head's scores mean nothing: no val pass, no new threshold."""
+    from types import SimpleNamespace
+
+    from dynrefer.config import DynReferConfig
+    from pipelines.train import calibrate_tags
+
+    cfg = DynReferConfig()
+    cfg.tags.vocabulary, cfg.loss.tags = ["red", "circle"], 0.0
+    stepper = SimpleNamespace(module=SimpleNamespace(cfg=cfg))
+    assert calibrate_tags(stepper, shard=None, batch_size=8, device="cpu", min_precision=0.8) == {}
+    assert cfg.tags.threshold == 0.7
+
+
 def test_words_cider_and_merge():
     from dynrefer.metrics import caption_scores
 
