@@ -133,52 +133,59 @@ def val_pass(stepper: Any, shard: Any, batch_size: int, device: Any,
     return None if parts is None else [r for part in parts for r in part]
 
 
-def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any) -> tuple[float, list[tuple[str, str, str]]]:
-    """Captions for the val slice, CIDEr (times 100) of the whole on rank 0 (nan elsewhere)."""
+def tag_scores(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> tuple[Any, Any]:
+    """A val batch's tag probabilities and 0/1 targets, (B, K) each, on CPU."""
+    import torch
+
+    with torch.no_grad():
+        probs = torch.sigmoid(module.tags(module.embedding(*x)).float()).cpu()
+    return probs, module.tags.targets(inputs.tags).cpu()
+
+
+def evaluate(stepper: Any, shard: Any, batch_size: int, device: Any, with_tags: bool = False
+             ) -> tuple[float, list[tuple[str, str, str]], list[tuple[Any, Any]] | None]:
+    """Captions for the val slice, CIDEr (times 100) of the whole on rank 0 (nan elsewhere); with ``with_tags``
+    also every batch's :func:`tag_scores` from the same pass (on rank 0; None elsewhere or without)."""
     from dynrefer.metrics import caption_scores
 
-    def captions(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> list[tuple[str, str, list[str]]]:
-        return [(rid, pred.caption, [str(r) for r in refs])
+    def captions(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> tuple[list, Any]:
+        said = [(rid, pred.caption, [str(r) for r in refs])
                 for rid, pred, refs in zip(inputs.region_ids, module.predict(*x), batch["references"])]
+        return said, tag_scores(module, batch, inputs, x) if with_tags else None
 
     rows = val_pass(stepper, shard, batch_size, device, captions)
     if rows is None:
-        return float("nan"), []
-    predictions = {rid: caption for part in rows for rid, caption, _ in part}
-    references = {rid: refs for part in rows for rid, _, refs in part}
+        return float("nan"), [], None
+    predictions = {rid: caption for part, _ in rows for rid, caption, _ in part}
+    references = {rid: refs for part, _ in rows for rid, _, refs in part}
     examples = [(i, predictions[i], references[i][0]) for i in sorted(predictions)[:3]]
-    return 100.0 * caption_scores(predictions, references, with_meteor=False)["cider"], examples
+    cider = 100.0 * caption_scores(predictions, references, with_meteor=False)["cider"]
+    return cider, examples, [tags for _, tags in rows] if with_tags else None
 
 
-def calibrate_tags(stepper: Any, shard: Any, batch_size: int, device: Any, min_precision: float) -> dict[str, float]:
-    """Set the model's tag threshold from the val slice (:func:`dynrefer.decoders.calibrated_threshold`) on rank 0,
-    before the export is written; returns what was chosen (empty elsewhere, when no threshold keeps a tag, or when
-    the tag head was not trained: its threshold is then left alone)."""
+def tag_head_trained(cfg: DynReferConfig) -> bool:
+    """Whether the tag head learned anything (its loss on, a vocabulary): only then is its threshold calibrated."""
+    return cfg.loss.tags > 0 and bool(cfg.tags.vocabulary)
+
+
+def calibrate_tags(module: Any, rows: list[tuple[Any, Any]] | None, min_precision: float) -> dict[str, float]:
+    """Set the model's tag threshold from the val slice's :func:`tag_scores` rows (rank 0's gathered list; None
+    elsewhere) by :func:`dynrefer.decoders.calibrated_threshold`, before the export is written; returns what was
+    chosen (empty elsewhere, or when no threshold keeps a tag)."""
     import torch
 
     from dynrefer.decoders import calibrated_threshold
 
-    cfg = stepper.module.cfg
-    if cfg.loss.tags <= 0 or not cfg.tags.vocabulary:
-        return {}
-
-    def scores(module: Any, batch: dict[str, Any], inputs: ModelInputs, x: Any) -> tuple[Any, Any]:
-        with torch.no_grad():
-            probs = torch.sigmoid(module.tags(module.embedding(*x)).float()).cpu()
-        return probs, module.tags.targets(inputs.tags).cpu()
-
-    rows = val_pass(stepper, shard, batch_size, device, scores)
     if not rows:
         return {}
     chosen = calibrated_threshold(torch.cat([p for p, _ in rows]), torch.cat([t for _, t in rows]), min_precision)
     if chosen is None:
-        log.warning("tag threshold kept at %.2f: no threshold keeps a tag on the val slice",
-                    stepper.module.cfg.tags.threshold)
+        log.warning("tag threshold kept at %.2f: no threshold keeps a tag on the val slice", module.cfg.tags.threshold)
         return {}
     threshold, precision, recall = chosen
     log.info("tag threshold %.2f (was %.2f): val tag precision %.1f%%, recall %.1f%%", threshold,
-             stepper.module.cfg.tags.threshold, 100 * precision, 100 * recall)
-    stepper.module.cfg.tags.threshold = threshold
+             module.cfg.tags.threshold, 100 * precision, 100 * recall)
+    module.cfg.tags.threshold = threshold
     return {"tag_threshold": threshold, "val_tag_precision": precision, "val_tag_recall": recall}
 
 
@@ -218,8 +225,14 @@ def train_loop(config: dict[str, Any]) -> None:
         losses, stepped = stepper.train_step(inputs, device)
         return MicroStep(losses, stepped, micro_samples)
 
+    # The export's tag threshold comes from the final val pass's tag scores (the same pass as its CIDEr).
+    calibrating = val is not None and job.eval.tag_precision is not None and tag_head_trained(cfg)
+    final_tags: dict[str, Any] = {}
+
     def val_cider(step: int, final: bool) -> dict[str, Any]:
-        score, examples = evaluate(stepper, val, job.eval.batch_size, device)
+        score, examples, tags = evaluate(stepper, val, job.eval.batch_size, device, with_tags=calibrating and final)
+        if calibrating and final:
+            final_tags["rows"] = tags  # set on every rank (None off rank 0), so all take the same path below
         if writer is not None:
             writer.add_scalar("val/cider", score, step)
             writer.add_text("val/examples", "\n\n".join(f"{i}: {p} (ref: {r})" for i, p, r in examples), step)
@@ -237,8 +250,10 @@ def train_loop(config: dict[str, Any]) -> None:
     run_loop(chain([head] if head is not None else [], batches), state,
              Cadence(job.max_steps, job.log_every, job.checkpoint_every, job.eval.every, "throughput"), hooks,
              worker.rank)
-    if val is not None and job.eval.tag_precision is not None:
-        calibrate_tags(stepper, val, job.eval.batch_size, device, job.eval.tag_precision)
+    if calibrating:  # a rerun of a finished run has no final pass: score the slice once for the threshold
+        rows = final_tags["rows"] if "rows" in final_tags else val_pass(stepper, val, job.eval.batch_size, device,
+                                                                        tag_scores)
+        calibrate_tags(stepper.module, rows, job.eval.tag_precision)
     with stepper.gathered():
         if worker.rank == 0:
             save_pretrained(stepper.module, job.export_uri, so)

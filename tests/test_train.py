@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -178,18 +179,25 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path):
         TrainJob(data=DataSection(prepared=["x"]), precision="fp16").validate()
 
 
-def test_an_untrained_tag_head_keeps_its_threshold():
-    """With the tag loss off (caption-only training) the head's scores mean nothing: no val pass, no new threshold."""
-    from types import SimpleNamespace
+def test_tag_calibration_only_for_a_trained_tag_head_and_only_on_rank_0():
+    """With the tag loss off (caption-only training) the head's scores mean nothing; off rank 0 there are no rows."""
+    import torch
 
     from dynrefer.config import DynReferConfig
-    from pipelines.train import calibrate_tags
+    from pipelines.train import calibrate_tags, tag_head_trained
 
     cfg = DynReferConfig()
-    cfg.tags.vocabulary, cfg.loss.tags = ["red", "circle"], 0.0
-    stepper = SimpleNamespace(module=SimpleNamespace(cfg=cfg))
-    assert calibrate_tags(stepper, shard=None, batch_size=8, device="cpu", min_precision=0.8) == {}
-    assert cfg.tags.threshold == 0.7
+    cfg.tags.vocabulary = ["red", "circle"]
+    assert tag_head_trained(cfg)
+    cfg.loss.tags = 0.0
+    assert not tag_head_trained(cfg)
+    module = SimpleNamespace(cfg=cfg)
+    assert calibrate_tags(module, None, 0.8) == {} and cfg.tags.threshold == 0.7
+    rows = [(torch.tensor([[0.95, 0.615]]), torch.tensor([[1.0, 0.0]])),  # two batches of one region each
+            (torch.tensor([[0.9, 0.3]]), torch.tensor([[1.0, 0.0]]))]
+    chosen = calibrate_tags(module, rows, 0.8)  # above 0.61 only the two right tags remain
+    assert chosen == {"tag_threshold": 0.62, "val_tag_precision": 1.0, "val_tag_recall": 1.0}
+    assert cfg.tags.threshold == 0.62
 
 
 def test_words_cider_and_merge():
