@@ -156,6 +156,10 @@ class LossConfig:
     caption: float = 1.0
     tags: float = 0.01
     contrastive: float = 0.5
+    # BLIP-2's first-stage image-text contrastive loss on the region queries (dynrefer.qformer.QueryTextContrast).
+    # Not part of DynRefer's training: a run with only this loss on stands in for BLIP-2's pre-trained Q-former
+    # when the model is built from scratch; the next run starts from its export (``init_from``).
+    itc: float = 0.0
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dynrefer.decoders import ContrastiveHead, TagHead
 from dynrefer.embedding import MultiViewEmbedding
 from dynrefer.encoder import ImageEncoder
 from dynrefer.language import LanguageHead, normalize_caption
-from dynrefer.qformer import read_blip2
+from dynrefer.qformer import QueryTextContrast, read_blip2
 from dynrefer.recognition import Recognition, RecognitionPrompts, prompts
 
 
@@ -41,6 +41,7 @@ class DynRefer(nn.Module):
         self.contrastive = ContrastiveHead(cfg.contrastive, text_dim, region_dim)
         self.language = LanguageHead(cfg.language, region_dim, storage_options)
         self.recognition = RecognitionPrompts(cfg.recognition, text_dim)
+        self.itc = QueryTextContrast(region_dim, text_dim) if cfg.loss.itc > 0 else None  # a stage-1 run only
         if cfg.qformer.path:  # BLIP-2's language projection initialises the LM projection (t5_proj)
             self.load_blip2_projection(storage.local_copy(cfg.qformer.path, storage_options))
         promote_scalar_parameters(self)
@@ -83,9 +84,12 @@ class DynRefer(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if w.tags > 0 and len(self.cfg.tags.vocabulary):
             losses["tags"] = self.tags.loss(self.tags(regions), tags)
-        if w.contrastive > 0:
+        if w.contrastive > 0 or self.itc is not None:
             texts = self.encoder.encode_text(captions).to(regions.dtype)  # (B, D_text)
-            losses["contrastive"] = self.contrastive.loss(texts, regions)
+            if w.contrastive > 0:
+                losses["contrastive"] = self.contrastive.loss(texts, regions)
+            if self.itc is not None:
+                losses["itc"] = self.itc.loss(texts, regions)
         if w.caption > 0:
             controls = self.language.control_words(tags, captions) if self.training else tags
             losses["caption"] = self.language.loss(regions, controls, captions)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from dynrefer import storage
 from dynrefer.batching import ModelInputs
-from dynrefer.config import DynReferConfig, merge
+from dynrefer.config import DynReferConfig
 from pipelines.args import add_run_args, launch, run_overrides
 from pipelines.ray_training import Worker, all_mean, fit, gather_on_rank0, scalar_logger
 from pipelines.steppers import build_stepper, deepspeed_config, default_extensions_dir, tensors
@@ -42,7 +42,7 @@ from pipelines.training_loop import Cadence, LoopHooks, MicroStep, run_loop
 
 log = logging.getLogger("dynrefer.train")
 
-LOSSES = ("loss", "caption", "tags", "contrastive")
+LOSSES = ("loss", "caption", "tags", "contrastive", "itc")
 
 
 # --- the driver ---------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
     so = job.storage_options or None
     if job.init_from:  # fine-tuning keeps the export's vocabularies and labels, so its weights fit
         base = storage.read_json(storage.join(job.init_from, "config.json"), so)
-        return DynReferConfig.from_dict(merge(base, job.model_overrides))
+        return resolved_model_config(job.model, job.model_overrides, base)
     cfg = resolved_model_config(job.model, job.model_overrides)
     cfg.tags.vocabulary = tag_vocabulary(job.data.prepared, so, job.data.max_tags)
     if job.data.lm_vocabulary == "captions" and not cfg.language.path:
@@ -63,7 +63,7 @@ def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
     if not cfg.recognition.attributes:
         cfg.recognition.attributes = label_names(train_rows["attributes"])
     w = cfg.loss
-    if not (w.caption > 0 or w.contrastive > 0 or (w.tags > 0 and cfg.tags.vocabulary)):
+    if not (w.caption > 0 or w.contrastive > 0 or w.itc > 0 or (w.tags > 0 and cfg.tags.vocabulary)):
         raise ValueError("every loss is off (loss weights are 0, or tags have an empty vocabulary)")
     return cfg
 
@@ -94,7 +94,8 @@ def run(job: TrainJob, train_fn: Any = None) -> dict[str, Any]:
 
 def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.StorageOptions | None,
                 init_from: str | None = None) -> Any:
-    """The model, seeded so that every rank builds the same initial weights, or started from an export."""
+    """The model, seeded so that every rank builds the same initial weights, or started from an export (a
+    stage-1 export's ITC projection stays behind when this model has no ITC loss)."""
     import torch
     from safetensors.torch import load as load_safetensors
 
@@ -105,6 +106,8 @@ def build_model(cfg: DynReferConfig, seed: int, storage_options: storage.Storage
     model = DynRefer(cfg, storage_options)
     if init_from:
         state = load_safetensors(storage.read_bytes(storage.join(init_from, WEIGHTS_FILE), storage_options))
+        if model.itc is None:
+            state = {k: v for k, v in state.items() if not k.startswith("itc.")}
         expected = saved_state(model)
         wrong = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -270,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", help="DeepSpeed JSON under configs/deepspeed/")
     p.add_argument("--ddp", action="store_true", help="plain torch DDP instead of DeepSpeed")
     p.add_argument("--encoder-checkpoint", help="open_clip checkpoint of the frozen encoder (overrides the config's)")
+    p.add_argument("--init-from", help="an export (local or s3://) whose config and weights start the run "
+                                       "(overrides the config's init_from)")
     add_run_args(p, "where to write the exported model")
     return p
 
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     job = TrainJob.from_yaml(args.config, **run_overrides(args), **{
         "data.prepared": args.prepared, "deepspeed": args.deepspeed, "ddp": True if args.ddp else None,
+        "init_from": args.init_from,
         "model_overrides.encoder.checkpoint": args.encoder_checkpoint})
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     return launch(args, run, job)

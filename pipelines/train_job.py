@@ -141,9 +141,11 @@ class TrainJob(RayTrainJob):
             raise ValueError(f"data.lm_vocabulary must be 'captions' or 'model', got {self.data.lm_vocabulary!r}")
 
 
-def resolved_model_config(model: str, overrides: dict[str, Any]) -> DynReferConfig:
-    """A model config with overrides merged in and local weight paths made absolute (workers run elsewhere)."""
-    cfg = DynReferConfig.from_dict(merge(load_config(model).to_dict(), overrides))
+def resolved_model_config(model: str, overrides: dict[str, Any], base: dict[str, Any] | None = None
+                          ) -> DynReferConfig:
+    """A model config (``base``, an export's config, instead of ``model`` when given) with overrides merged in and
+    local weight paths made absolute (workers run elsewhere)."""
+    cfg = DynReferConfig.from_dict(merge(base if base is not None else load_config(model).to_dict(), overrides))
     for section, key in (("encoder", "checkpoint"), ("qformer", "path"), ("language", "path")):
         part = getattr(cfg, section)
         path = getattr(part, key)
