@@ -88,6 +88,8 @@ def train_variant(ablation: Ablation, variant: Variant) -> str:
         # one val pass at the end: it sets the export's tag threshold when the train config asks (as in the demo)
         "max_steps": ablation.max_steps, "seed": ablation.seed, "eval.every": 0})
     job.model_overrides = merge(job.model_overrides, variant.model_overrides)
+    # every variant from scratch, without the demo's ITC run: its embedding would fix the views the variant changes
+    job = dataclasses.replace(job, init_from=None)
     if storage.exists(storage.join(job.absolute().export_uri, "config.json")):
         log.info("[%s] trained already: %s", variant.name, job.absolute().export_uri)
     else:

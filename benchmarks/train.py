@@ -55,7 +55,7 @@ def main() -> None:
         job = dataclasses.replace(
             job, data=dataclasses.replace(job.data, prepared=[os.path.abspath(prepared)]), max_steps=args.steps,
             checkpoint_every=args.steps, eval=EvalSection(every=-1), storage_path=os.path.join(base, "runs"),
-            max_failures=0, model_overrides={})  # speed only: a random frozen encoder costs the same
+            max_failures=0, model_overrides={}, init_from=None)  # speed only: a random model costs the same
         variants = [
             ("DeepSpeed ZeRO-2, 2 workers", dict(ddp=False, deepspeed="configs/deepspeed/zero2.json", workers=2)),
             ("plain DDP, 2 workers", dict(ddp=True, workers=2)),

@@ -130,7 +130,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     job = TrainJob.from_yaml(args.config)
-    job = dataclasses.replace(job, model=args.model or job.model, model_overrides={},
+    job = dataclasses.replace(job, model=args.model or job.model, model_overrides={}, init_from=None,
                               batch_size=args.batch_size or job.batch_size, grad_accum=1,
                               max_steps=args.warmup + args.steps,
                               schedule=dataclasses.replace(job.schedule, warmup_steps=1))

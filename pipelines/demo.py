@@ -1,7 +1,8 @@
 """The built-in demo: every stage of the system on the synthetic corpus, on one local Ray cluster.
 
-synth -> prepare (Ray Data) -> pretrain the tiny CLIP (Ray Train) -> train DynRefer (Ray Train + DeepSpeed,
-2 workers) -> train the proposal model (Ray Train) -> caption the held-out regions (Ray Data) -> dense-caption the
+synth -> prepare (Ray Data) -> pretrain the tiny CLIP (Ray Train) -> align the Q-former's queries with text
+(BLIP-2's first stage, Ray Train + DeepSpeed) -> train DynRefer from there (Ray Train + DeepSpeed, 2 workers) ->
+train the proposal model (Ray Train) -> caption the held-out regions (Ray Data) -> dense-caption the
 held-out images (Ray Data, proposals) -> evaluate -> serve (Ray Serve on 127.0.0.1: real HTTP requests, then stop)
 -> ``<out>/report.md`` with the metrics and pictures of held-out images with their generated captions.
 
@@ -32,7 +33,7 @@ from pipelines.args import secure_ray_env, setup_logging
 
 log = logging.getLogger("dynrefer.demo")
 
-STAGES = ("synth", "prepare", "pretrain", "train", "proposals", "caption", "dense", "evaluate", "serve", "report")
+STAGES = ("synth", "prepare", "pretrain", "qformer", "train", "proposals", "caption", "dense", "evaluate", "serve", "report")
 
 
 def config(*parts: str) -> str:
@@ -108,11 +109,18 @@ class Demo:
                        "--config", config("proposals", "train_tiny.yaml"), "--corpus", self.path("synth"),
                        "--storage-path", self.path("runs"), "--address", "auto"]))
 
+    def qformer(self) -> None:
+        self.stage("qformer", self.path("runs", "qformer-tiny", "export", "model.safetensors"), lambda: self.command(
+            "pipelines.train", ["--config", config("train", "tiny_qformer.yaml"), "--prepared", self.path("prepared"),
+                                "--storage-path", self.path("runs"), "--name", "qformer-tiny", "--address", "auto",
+                                "--encoder-checkpoint", self.clip]))
+
     def train(self) -> None:
         self.stage("train", self.path("runs", "tiny", "export", "model.safetensors"), lambda: self.command(
             "pipelines.train", ["--config", config("train", "tiny.yaml"), "--prepared", self.path("prepared"),
                                 "--storage-path", self.path("runs"), "--name", "tiny", "--address", "auto",
-                                "--encoder-checkpoint", self.clip]))
+                                "--encoder-checkpoint", self.clip,
+                                "--init-from", self.path("runs", "qformer-tiny", "export")]))
 
     def caption(self) -> None:
         out = self.path("captions")

@@ -161,13 +161,58 @@ def test_lavis_epoch_cosine_schedule_steps_once_per_epoch_on_both_engines():
         ScheduleSection(type="linear")
 
 
-@pytest.mark.parametrize("name", ["tiny", "base_gpu", "paper_gpu", "refcocog_ft_gpu"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_qformer", "base_gpu", "paper_gpu", "refcocog_ft_gpu"])
 def test_training_configs_load(name):
     job = TrainJob.from_yaml(os.path.join(REPO, "configs", "train", f"{name}.yaml"))
     job.validate()
     deepspeed_config(job)
-    if name != "tiny":
+    if not name.startswith("tiny"):
         assert job.workers.use_gpu and job.precision == "bf16" and job.workers.num >= 8
+
+
+def test_the_tiny_model_trains_from_its_qformer_run():
+    """The demo's two runs: the first trains the embedding by ITC alone, the second starts from its export with
+    DynRefer's losses (its ITC projection left behind)."""
+    first, second = (TrainJob.from_yaml(os.path.join(REPO, "configs", "train", f"{n}.yaml"))
+                     for n in ("tiny_qformer", "tiny"))
+    assert first.model_overrides["loss"] == {"caption": 0.0, "tags": 0.0, "contrastive": 0.0, "itc": 1.0}
+    assert first.eval.every == -1 and second.init_from.endswith(os.path.join("qformer-tiny", "export"))
+    assert second.model_overrides["loss"]["itc"] == 0.0
+
+
+def test_init_from_a_qformer_run_keeps_its_embedding_and_drops_its_itc_head(tmp_path):
+    import torch
+
+    from dynrefer.checkpoint import save_pretrained
+    from dynrefer.config import DynReferConfig
+    from pipelines.train import build_model
+    from pipelines.train_job import resolved_model_config
+
+    words = ["a", "red", "blue", "circle", "square"]
+    stage1 = resolved_model_config("tiny", {"loss": {"caption": 0.0, "tags": 0.0, "contrastive": 0.0, "itc": 1.0}})
+    stage1.tags.vocabulary, stage1.language.vocabulary = ["red", "circle"], words
+    model = build_model(stage1, 0, None)
+    assert model.itc is not None
+    views = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8)
+    rois = torch.tensor([[0.0, 0.0, 64.0, 64.0], [8.0, 8.0, 40.0, 40.0], [0.0, 0.0, 64.0, 64.0]]).expand(2, 3, 4)
+    losses = model(views, torch.tensor([[0, 1, 2], [3, 1, 2]]), rois, ["a red circle", "a blue square"],
+                   [["red", "circle"], []])
+    assert set(losses) == {"itc", "loss"} and float(losses["loss"]) == float(losses["itc"]) > 0
+    save_pretrained(model, str(tmp_path / "export"))
+
+    stage2 = merge(stage1.to_dict(), {"loss": {"caption": 1.0, "tags": 0.01, "contrastive": 0.5, "itc": 0.0}})
+    started = build_model(DynReferConfig.from_dict(stage2), 1, None, init_from=str(tmp_path / "export"))
+    assert started.itc is None
+    for name, tensor in model.embedding.qformer.state_dict().items():
+        assert torch.equal(started.embedding.qformer.state_dict()[name], tensor), name
+    assert torch.equal(started.embedding.fusion.mlp[0].weight, model.embedding.fusion.mlp[0].weight)
+    from safetensors.torch import save_file
+
+    from dynrefer.checkpoint import saved_state
+
+    save_file({**saved_state(model), "stray.weight": torch.zeros(1)}, str(tmp_path / "export" / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected"):  # other leftovers are still refused
+        build_model(DynReferConfig.from_dict(stage2), 1, None, init_from=str(tmp_path / "export"))
 
 
 def test_unknown_keys_and_bad_values_are_refused(tmp_path):
