@@ -1,15 +1,14 @@
 """The tag and region-text heads and their losses, against written-out references of the official computation."""
 
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dynrefer.config import ContrastiveConfig, DecoderConfig, TagConfig
 from dynrefer.decoders import ContrastiveHead, QueryDecoder, TagHead, asymmetric_loss, siglip_loss
+from tests.gloo_workers import sharded_losses
 
 CFG = DecoderConfig(dim=64, num_layers=2, num_heads=4)
 
@@ -126,22 +125,6 @@ def official_siglip(head: ContrastiveHead, texts: torch.Tensor, regions: torch.T
     return 0.5 * (siglip_loss(head.logits(t2r), labels) + siglip_loss(head.logits(r2t), labels))
 
 
-def _worker(rank: int, port: int, sizes: list[int], out: "mp.Queue") -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(sizes))
-    try:
-        head, texts, regions = _setup()
-        start = sum(sizes[:rank])
-        local = slice(start, start + sizes[rank])
-        loss = head.loss(texts[local], regions[local])
-        weighted = loss.detach() * sizes[rank]  # each rank's loss is per local region: weight to average
-        dist.all_reduce(weighted)
-        out.put((rank, float(loss.detach()), float(weighted) / sum(sizes)))
-    finally:
-        dist.destroy_process_group()
-
-
 def _setup():
     torch.manual_seed(0)
     head = ContrastiveHead(ContrastiveConfig(decoder=CFG, init_logit_bias=0.0), 48, 32).double().eval()
@@ -153,19 +136,7 @@ def _setup():
 def test_siglip_across_two_gloo_workers_equals_the_concatenated_batch():
     """Workers hold 3 and 2 regions: local texts x gathered regions and gathered texts x local regions; the
     region-weighted mean of the workers' losses is the one-process loss on all 5."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    sizes = [3, 2]
-    procs = [ctx.Process(target=_worker, args=(r, port, sizes, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = sharded_losses(_setup, [3, 2])
     head, texts, regions = _setup()
     with torch.no_grad():
         expected = float(official_siglip(head, texts, regions))

@@ -1,13 +1,11 @@
 """BLIP-2's first-stage ITC on the region queries, against a per-pair reference of BLIP-2's computation."""
 
-import multiprocessing as mp
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dynrefer.qformer import QueryTextContrast
+from tests.gloo_workers import sharded_losses
 
 
 def reference_itc(head: QueryTextContrast, texts: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -73,37 +71,9 @@ def test_a_region_whose_best_query_is_its_text_scores_better_than_a_mismatch():
     assert matched < 1.0 < 3 * matched < mismatched
 
 
-def _worker(rank: int, port: int, sizes: list[int], out: "mp.Queue") -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(sizes))
-    try:
-        head, texts, regions = _setup()
-        start = sum(sizes[:rank])
-        local = slice(start, start + sizes[rank])
-        loss = head.loss(texts[local], regions[local])
-        weighted = loss.detach() * sizes[rank]  # each rank's loss is a mean over its local rows
-        dist.all_reduce(weighted)
-        out.put((rank, float(weighted) / sum(sizes)))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_itc_across_two_gloo_workers_equals_the_concatenated_batch():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    sizes = [3, 2]
-    procs = [ctx.Process(target=_worker, args=(r, port, sizes, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = sharded_losses(_setup, [3, 2])
     head, texts, regions = _setup()
     with torch.no_grad():
         expected = float(reference_itc(head, texts, regions))
-    assert results[0][1] == pytest.approx(expected, rel=1e-9)
+    assert results[0][2] == pytest.approx(expected, rel=1e-9)
