@@ -52,7 +52,12 @@ def model_config(job: TrainJob, train_rows: pa.Table) -> DynReferConfig:
     LM, and the categories and attributes to recognise (unless the config lists its own)."""
     so = job.storage_options or None
     if job.init_from:  # fine-tuning keeps the export's vocabularies and labels, so its weights fit
-        base = storage.read_json(storage.join(job.init_from, "config.json"), so)
+        config_uri = storage.join(job.init_from, "config.json")
+        if not storage.exists(config_uri, so):
+            raise ValueError(f"init_from {job.init_from}: no export there (no config.json); train the run it names "
+                             "first (configs/train/tiny.yaml starts from configs/train/tiny_qformer.yaml's), or set "
+                             "init_from: null to start from scratch")
+        base = storage.read_json(config_uri, so)
         return resolved_model_config(job.model, job.model_overrides, base)
     cfg = resolved_model_config(job.model, job.model_overrides)
     cfg.tags.vocabulary = tag_vocabulary(job.data.prepared, so, job.data.max_tags)

@@ -180,6 +180,15 @@ def test_the_tiny_model_trains_from_its_qformer_run():
     assert second.model_overrides["loss"]["itc"] == 0.0
 
 
+def test_init_from_a_missing_export_says_what_to_run(tmp_path):
+    from pipelines.train import model_config
+
+    job = dataclasses.replace(TrainJob.from_yaml(os.path.join(REPO, "configs", "train", "tiny.yaml")),
+                              init_from=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="no export there.*tiny_qformer.yaml"):
+        model_config(job, None)
+
+
 def test_init_from_a_qformer_run_keeps_its_embedding_and_drops_its_itc_head(tmp_path):
     import torch
 
