@@ -15,6 +15,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from dynrefer import storage
 from dynrefer.config import QFormerConfig
+from dynrefer.decoders import gather_batches
 
 
 def read_blip2(directory: str) -> dict[str, torch.Tensor]:
@@ -83,8 +84,6 @@ class QueryTextContrast(nn.Module):
 
     def loss(self, texts: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """texts: (B, D_text) CLIP embeddings of the regions' captions, regions: (B, Q, H); region i matches text i."""
-        from dynrefer.decoders import gather_batches
-
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         texts = F.normalize(texts, dim=-1)
