@@ -167,6 +167,21 @@ def test_bert_layers_start_as_bert_and_projections_as_configured():
         assert proj.weight.std().item() == pytest.approx(0.02, rel=0.2) and torch.count_nonzero(proj.bias) == 0
 
 
+def test_the_tiny_heads_start_wider_than_bert():
+    """The tiny config's heads (no trained weights to start from) draw their BERT layers at std 0.2, their
+    projections still at 0.02."""
+    from dynrefer.config import load_config
+
+    cfg = load_config("tiny")
+    for decoder_cfg in (cfg.tags.decoder, cfg.contrastive.decoder):
+        torch.manual_seed(0)
+        decoder = QueryDecoder(decoder_cfg, 128, 128)
+        layer = decoder.encoder.layer[0]
+        for linear in (layer.crossattention.self.key, layer.crossattention.output.dense, layer.intermediate.dense):
+            assert linear.weight.std().item() == pytest.approx(0.2, rel=0.1)
+        assert decoder.text_proj.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
 def test_calibrated_threshold_is_the_lowest_reaching_the_precision():
     from dynrefer.decoders import calibrated_threshold
 

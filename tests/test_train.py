@@ -171,11 +171,11 @@ def test_training_configs_load(name):
 
 
 def test_the_tiny_model_trains_from_its_qformer_run():
-    """The demo's two runs: the first trains the embedding by ITC alone, the second starts from its export with
-    DynRefer's losses (its ITC projection left behind)."""
+    """The demo's two runs: the first trains the embedding by ITC with the two heads beside (no LM), the second
+    starts from its export with DynRefer's losses (its ITC projection left behind)."""
     first, second = (TrainJob.from_yaml(os.path.join(REPO, "configs", "train", f"{n}.yaml"))
                      for n in ("tiny_qformer", "tiny"))
-    assert first.model_overrides["loss"] == {"caption": 0.0, "tags": 0.0, "contrastive": 0.0, "itc": 1.0}
+    assert first.model_overrides["loss"] == {"caption": 0.0, "tags": 0.05, "contrastive": 0.5, "itc": 1.0}
     assert first.eval.every == -1 and second.init_from.endswith(os.path.join("qformer-tiny", "export"))
     assert second.model_overrides["loss"]["itc"] == 0.0
 
