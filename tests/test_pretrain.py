@@ -177,10 +177,12 @@ def test_configs_wire_pretraining_into_training(tmp_path):
         PretrainJob(data=PreparedData(prepared=["x"]), text=TextSection(facets="web")).validate()
     with pytest.raises(ValueError, match="probe facets"):
         PretrainJob(data=PreparedData(prepared=["x"]), probe=ProbeSection(facets="colours")).validate()
-    train_stage, val_stage = stage_settings(job, 64, 64)
-    assert (train_stage.mode, train_stage.views["num_views"], train_stage.views["candidate_ts"]) == \
-        ("train", 2, [0.1, 0.2, 0.3])
+    train_stage, val_stage = stage_settings(job, 64, 64)  # the tiny config shows t=0 crops only
+    assert (train_stage.mode, train_stage.views["num_views"], train_stage.views["candidate_ts"]) == ("train", 1, [])
     assert (val_stage.mode, val_stage.views["num_views"], val_stage.views["fixed_ts"]) == ("fixed", 1, [0.0])
+    larger = dataclasses.replace(job, augment=AugmentSection(larger=0.3, candidate_ts=[0.1, 0.2, 0.3]))
+    train_stage, _ = stage_settings(larger, 64, 64)
+    assert (train_stage.views["num_views"], train_stage.views["candidate_ts"]) == (2, [0.1, 0.2, 0.3])
 
 
 # --- slow: a real run on a local Ray cluster -------------------------------------------------------------------------
