@@ -145,11 +145,6 @@ class PrepareShards:
         results = []
         for shard, plan in zip(batch["shard"], batch["plan"]):
             results.append(prepare_shard(int(shard), read_plan(str(plan), so), self.job))
-            try:  # the shard is written: its plan is no longer needed (a rerun skips the shard)
-                fs, path = storage.filesystem(str(plan), so)
-                fs.rm(path)
-            except OSError:
-                pass
         return {k: np.array([r[k] for r in results]) for k in results[0]}
 
 
@@ -179,6 +174,16 @@ def iter_shards(job: PrepareJob) -> Iterator[tuple[int, list[dict[str, Any]]]]:
 
 def plan_uri(job: PrepareJob, index: int) -> str:
     return storage.join(job.out, "plan", shard_name(index).replace(".parquet", ".json.gz"))
+
+
+def remove_plan(job: PrepareJob, index: int) -> None:
+    """The shard is written: its plan is no longer needed (a rerun skips the shard). The driver removes it, not
+    the worker: a killed run's worker can outlive its driver and must not remove the plan its rerun just wrote."""
+    fs, path = storage.filesystem(plan_uri(job, index), job.storage_options or None)
+    try:
+        fs.rm(path)
+    except OSError:
+        pass
 
 
 def read_plan(uri: str, storage_options: storage.StorageOptions | None) -> list[dict[str, Any]]:
@@ -241,6 +246,9 @@ def run(job: PrepareJob, force: bool = False, progress: bool = True) -> dict[str
     start = time.perf_counter()
     check_manifest(job, None, force)
     done = set(storage.listdir(storage.join(job.out, "regions"), so))
+    for name in storage.listdir(storage.join(job.out, "plan"), so):  # a killed run's plans of shards now written
+        if name.replace(".json.gz", ".parquet") in done:
+            remove_plan(job, int(name[6:11]))
     plan = plan_shards(job, done)
     check_manifest(job, plan.shards, force)
     log.info("%d shards (%d images); %d already written, %d to do", plan.shards, plan.images,
@@ -257,6 +265,7 @@ def run(job: PrepareJob, force: bool = False, progress: bool = True) -> dict[str
                   disable=not progress) as bar:
             for row in ds.iter_rows():
                 results.append(row)
+                remove_plan(job, int(row["shard"]))
                 bar.update(int(row["images"]))
                 bar.set_postfix(regions=sum(int(r["regions"]) for r in results),
                                 errors=sum(int(r["region_errors"]) + int(r["image_errors"]) for r in results))

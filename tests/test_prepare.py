@@ -216,9 +216,11 @@ def test_killed_job_rerun_writes_only_the_missing_shards(ray_local, tmp_path):
     before = set(storage.listdir(os.path.join(out, "regions")))
     assert 3 <= len(before) < 40
     summary = run(job_for(root, out, images_per_shard=1, workers=1), progress=False)
-    assert summary["shards_written_now"] == 40 - len(before)
+    # The killed run's worker can outlive its driver and finish a few more shards beside the rerun.
+    assert 1 <= summary["shards_written_now"] <= 40 - len(before)
     regions = pq.read_table(os.path.join(out, "regions"))
     assert regions.num_rows == 80 and len(set(regions["region_id"].to_pylist())) == 80
+    assert summary["regions"] == 80 and storage.listdir(os.path.join(out, "plan")) == []
 
 
 @pytest.mark.slow
