@@ -48,6 +48,7 @@ class Variant:
     trained_as: str | None = None  # reuse another variant's trained model
     first_run_as: str | None = None  # start from another variant's first run (same views, other second-run losses)
     fixed_ts: list[float] | None = None  # inference "fixed": these views instead of the model config's
+    control_words: bool = True  # inference: False captions without the predicted tags as control words
 
 
 @dataclass
@@ -141,6 +142,7 @@ def score_variant(export: str, variant: Variant, rows: list[dict[str, Any]], abl
     cfg = model.cfg
     if variant.fixed_ts is not None:
         cfg.views = dataclasses.replace(cfg.views, fixed_ts=list(variant.fixed_ts))
+    model.language.cfg.control_words = variant.control_words
     mode = "train" if variant.inference == "random" else variant.inference  # "train" draws at random
     prepared_size = prepared_view_size([ablation.prepared], None)
     images = load_images(r["file"] for r in rows)
