@@ -199,7 +199,8 @@ def markdown(results: list[dict[str, Any]], ablation: Ablation) -> str:
         s = r["slots"]
         lines.append(f"| {r['variant']} | {r['views']} | {r['inference']} | {r['meteor']:.1f} | {r['cider']:.1f} "
                      f"| {s['shape']:.1f} | {s['colour']:.1f} | {s['pattern']:.1f} | {s['size']:.1f} "
-                     f"| {r['all_four']:.1f} | {r['all_four_size_optional']:.1f} | {s['relation']:.1f} | {r['relation_precision']:.1f} "
+                     f"| {r['all_four']:.1f} | {r['all_four_size_optional']:.1f} | {s['relation']:.1f} "
+                     f"| {r['relation_precision']:.1f} "
                      f"| {r['tag_precision']:.0f} / {r['tag_recall']:.0f} | {acc} |")
     return "\n".join(lines) + "\n"
 

@@ -95,6 +95,15 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
     os.replace(tmp, path)
 
 
+def remove(uri: str, storage_options: StorageOptions | None = None) -> None:
+    """Delete one object; one already gone is fine (a rerun or another process may have removed it)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def listdir(uri: str, storage_options: StorageOptions | None = None) -> list[str]:
     """Base names of the objects directly under a directory or prefix; empty when it does not exist."""
     fs, path = filesystem(uri, storage_options)

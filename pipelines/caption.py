@@ -92,11 +92,7 @@ def run(job: CaptionJob, progress: bool = True) -> dict[str, Any]:
                         storage.write_bytes(storage.join(job.out, "captions", output_name(shard, job.format)),
                                             encode_rows(rows, job.format), so)
                         if job.dense:  # written: the shard's plan is no longer needed
-                            fs, path = storage.filesystem(plan_uri(job, shard), so)
-                            try:
-                                fs.rm(path)
-                            except OSError:
-                                pass
+                            storage.remove(plan_uri(job, shard), so)
                 bar.update(len(batch["row"]))
         if pending:
             raise RuntimeError(f"shards {sorted(pending)} did not come back whole")

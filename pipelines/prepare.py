@@ -179,11 +179,7 @@ def plan_uri(job: PrepareJob, index: int) -> str:
 def remove_plan(job: PrepareJob, index: int) -> None:
     """The shard is written: its plan is no longer needed (a rerun skips the shard). The driver removes it, not
     the worker: a killed run's worker can outlive its driver and must not remove the plan its rerun just wrote."""
-    fs, path = storage.filesystem(plan_uri(job, index), job.storage_options or None)
-    try:
-        fs.rm(path)
-    except OSError:
-        pass
+    storage.remove(plan_uri(job, index), job.storage_options or None)
 
 
 def read_plan(uri: str, storage_options: storage.StorageOptions | None) -> list[dict[str, Any]]:
@@ -231,8 +227,7 @@ def check_manifest(job: PrepareJob, num_shards: int | None, force: bool) -> None
         if force:
             for sub in ("regions", "errors", "plan"):
                 for name in storage.listdir(storage.join(job.out, sub), so):
-                    fs, path = storage.filesystem(storage.join(job.out, sub, name), so)
-                    fs.rm(path)
+                    storage.remove(storage.join(job.out, sub, name), so)
         return
     storage.write_json(uri, manifest, so)
 

@@ -17,6 +17,10 @@ def test_local_files_are_written_whole_and_listed_by_name(tmp_path):
     assert storage.read_bytes("file://" + str(tmp_path / "a" / "c.bin")) == b"\x00\x01"
     assert storage.listdir(str(tmp_path / "a")) == ["b.json", "c.bin"]  # no temporary left behind
     assert storage.listdir(str(tmp_path / "nowhere")) == []
+    storage.write_bytes(storage.join(str(tmp_path), "a", "d.bin"), b"")
+    storage.remove(storage.join(str(tmp_path), "a", "d.bin"))
+    storage.remove(storage.join(str(tmp_path), "a", "d.bin"))  # already gone: fine
+    assert storage.listdir(str(tmp_path / "a")) == ["b.json", "c.bin"]
     (tmp_path / "bad.json").write_text('{"x": 1,\n oops}')
     with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 2 column 2"):
         storage.read_json(str(tmp_path / "bad.json"))
@@ -69,5 +73,9 @@ def test_s3_through_a_local_server_with_explicit_credentials(tmp_path):
         afs, apath = storage.arrow_filesystem(uri, so)
         with afs.open_input_stream(apath) as f:
             assert json.loads(f.read()) == {"image_size": 64}
+        gone = storage.join(base, "export", "model.safetensors")
+        storage.remove(gone, so)
+        storage.remove(gone, so)  # already gone: fine
+        assert storage.listdir(storage.join(base, "export"), so) == ["config.json"]
     finally:
         server.stop()
